@@ -1,0 +1,17 @@
+"""Vocabulary chunking shared by both backends: the only buffer that grows with V is one
+rows x chunk_columns block, bounded by config.chunk_bytes()."""
+from __future__ import annotations
+
+from . import config
+
+
+def vocab_chunk_cols(n_rows: int, vocab: int, elem_bytes: int, align: int = 1) -> int:
+    """Columns per chunk so that n_rows x cols x elem_bytes <= the chunk budget (>= align)."""
+    cols = config.chunk_bytes() // max(1, n_rows * elem_bytes)
+    cols = max(align, cols // align * align)
+    return min(cols, vocab)
+
+
+def vocab_chunks(vocab: int, cols: int):
+    for v0 in range(0, vocab, cols):
+        yield v0, min(vocab, v0 + cols)

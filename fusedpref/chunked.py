@@ -1,0 +1,99 @@
+"""The pure-PyTorch backend: the same contract and memory bound as the Triton one, any device.
+
+It walks the vocabulary in chunks (one rows x chunk fp32 block at a time, bounded by
+FUSEDPREF_CHUNK_MB) with an online log-sum-exp, and computes in fp32 throughout. Functions
+take compacted rows, exactly like fusedpref.ops.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import config
+from ._chunks import vocab_chunk_cols, vocab_chunks
+
+_F32 = 4
+
+
+def chunk_logits(hf, w, b, softcap, v0, v1):
+    """fp32 logits of columns v0:v1 for fp32 rows hf."""
+    z = hf @ w[v0:v1].float().t()
+    if b is not None:
+        z += b[v0:v1].float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def _target_in_chunk(z, y, v0, v1):
+    """z[i, y_i - v0] where v0 <= y_i < v1, else 0; and the mask of such rows."""
+    inside = (y >= v0) & (y < v1)
+    local = (y - v0).clamp(0, v1 - v0 - 1)
+    return torch.where(inside, z.gather(1, local[:, None]).squeeze(1), 0.0), inside, local
+
+
+def logprob_forward(h, w, b, y, softcap, with_stats: bool):
+    n = h.shape[0]
+    vocab = w.shape[0]
+    hf = h.float()
+    m = torch.full((n,), float("-inf"), device=h.device)
+    l = torch.zeros(n, device=h.device)
+    zy = torch.zeros(n, device=h.device)
+    if with_stats:
+        zsum, pz = torch.zeros(n, device=h.device), torch.zeros(n, device=h.device)
+        amax = torch.full((n,), float("-inf"), device=h.device)
+        aidx = torch.zeros(n, dtype=torch.long, device=h.device)
+    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32)):
+        z = chunk_logits(hf, w, b, softcap, v0, v1)
+        cmax, carg = z.max(dim=1)
+        m_new = torch.maximum(m, cmax)
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(z - m_new[:, None])
+        l = l * alpha + p.sum(1)
+        zy += _target_in_chunk(z, y, v0, v1)[0]
+        if with_stats:
+            zsum += z.sum(1)
+            pz = pz * alpha + (p * z).sum(1)
+            better = cmax > amax
+            aidx = torch.where(better, carg + v0, aidx)
+            amax = torch.where(better, cmax, amax)
+        m = m_new
+    lse = m + torch.log(l)
+    stats = None
+    if with_stats:
+        stats = torch.stack([zsum, lse - pz / l, (aidx == y).float()], dim=1)
+    return zy - lse, lse, stats
+
+
+def head_backward(h, w, need_h, need_w, need_b, chunk_dz):
+    """chunk_dz(hf, v0, v1) -> fp32 dz [Nv, v1 - v0]; accumulates dH, dW, db in fp32."""
+    n, d = h.shape
+    vocab = w.shape[0]
+    hf = h.float()
+    dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need_h else None
+    dw = config.empty((vocab, d), w.dtype, w.device) if need_w else None
+    db = config.empty((vocab,), torch.float32, w.device) if need_b else None
+    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32)):
+        dz = chunk_dz(hf, v0, v1)
+        if need_w:
+            dw[v0:v1] = dz.t() @ hf
+        if need_b:
+            db[v0:v1] = dz.sum(0)
+        if need_h:
+            dh.addmm_(dz, w[v0:v1].float())
+    return (dh.to(h.dtype) if need_h else None), dw, db
+
+
+def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
+    g = g.float()
+
+    def chunk_dz(hf, v0, v1):
+        z = chunk_logits(hf, w, b, softcap, v0, v1)
+        dz = torch.exp(z - lse[:, None]).mul_(-g[:, None])
+        _, inside, local = _target_in_chunk(z, y, v0, v1)
+        rows = inside.nonzero().squeeze(1)
+        dz[rows, local[rows]] += g[rows]
+        if softcap is not None:
+            dz *= 1.0 - (z / softcap) ** 2
+        return dz
+
+    return head_backward(h, w, need_h, need_w, need_b, chunk_dz)

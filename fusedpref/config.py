@@ -1,0 +1,136 @@
+"""Every tunable knob of fusedpref in one place.
+
+One fixed, known-good tile configuration per (GPU architecture, dtype) and kernel. Autotuning
+is opt-in: set FUSEDPREF_AUTOTUNE=1 and the first call per (kernel, dtype, shape bucket) times
+the candidates below with triton.testing.do_bench and keeps the fastest for the process.
+
+FUSEDPREF_CHUNK_MB (default 16) bounds the vocabulary-chunk buffers that backward (and the
+torch backend's forward) allocate: rows x chunk_columns x element size <= this many MiB per
+buffer (the Triton backend keeps one such buffer, the torch backend about three).
+
+FUSEDPREF_POISON=1 (tests) fills every buffer a kernel must write completely with NaN first,
+so an element left unwritten shows up as NaN instead of stale memory.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tiles:
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_D: int
+    num_warps: int
+    num_stages: int
+
+    def constexprs(self) -> dict:
+        return {"BLOCK_N": self.BLOCK_N, "BLOCK_V": self.BLOCK_V, "BLOCK_D": self.BLOCK_D}
+
+    def launch(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+# Logit-tile kernels (forward, dz). 16-bit: 128x128 tiles, 64-wide K slices (wgmma on sm_90).
+# fp32 runs three TF32 passes per dot and needs twice the shared memory per stage: smaller K.
+_LOGIT_TILES = {
+    (9, torch.bfloat16): Tiles(128, 128, 64, 8, 3),
+    (9, torch.float16): Tiles(128, 128, 64, 8, 3),
+    (9, torch.float32): Tiles(64, 128, 32, 8, 3),
+    (8, torch.bfloat16): Tiles(128, 128, 32, 8, 3),
+    (8, torch.float16): Tiles(128, 128, 32, 8, 3),
+    (8, torch.float32): Tiles(64, 128, 32, 4, 3),
+}
+# mm_acc (dH += dz @ W): BLOCK_N is the M tile (rows), BLOCK_V the N tile (hidden), BLOCK_D is K.
+_MM_TILES = {
+    (9, torch.bfloat16): Tiles(128, 128, 64, 8, 3),
+    (9, torch.float16): Tiles(128, 128, 64, 8, 3),
+    (9, torch.float32): Tiles(64, 128, 32, 8, 3),
+    (8, torch.bfloat16): Tiles(128, 128, 32, 8, 3),
+    (8, torch.float16): Tiles(128, 128, 32, 8, 3),
+    (8, torch.float32): Tiles(64, 128, 32, 4, 3),
+}
+# In the Triton interpreter (CPU tests) small tiles, so that tests at 37 tokens x hidden 72 x
+# vocab 1009 cross several row blocks, K slices and vocabulary tiles.
+_INTERPRETER_TILES = Tiles(16, 64, 32, 4, 1)
+
+AUTOTUNE_CANDIDATES = [
+    Tiles(128, 128, 64, 8, 3),
+    Tiles(128, 256, 64, 8, 3),
+    Tiles(64, 128, 64, 4, 4),
+    Tiles(128, 128, 32, 8, 4),
+    Tiles(64, 256, 32, 8, 3),
+]
+
+GROUP_M = 8
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("FUSEDPREF_AUTOTUNE", "0") == "1"
+
+
+def chunk_bytes() -> int:
+    mb = float(os.environ.get("FUSEDPREF_CHUNK_MB", "16"))
+    if not mb > 0:
+        raise ValueError(f"FUSEDPREF_CHUNK_MB must be a positive number of MiB, got {mb!r}")
+    return int(mb * 2**20)
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """torch.empty, or NaN-filled (integers: -1) under FUSEDPREF_POISON=1."""
+    if os.environ.get("FUSEDPREF_POISON", "0") != "1":
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def _arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 9
+    major = torch.cuda.get_device_capability(device)[0]
+    return 9 if major >= 9 else 8
+
+
+def logit_tiles(device: torch.device, dtype: torch.dtype) -> Tiles:
+    if interpreting():
+        return _INTERPRETER_TILES
+    return _LOGIT_TILES[(_arch(device), dtype)]
+
+
+def mm_tiles(device: torch.device, dtype: torch.dtype) -> Tiles:
+    if interpreting():
+        return _INTERPRETER_TILES
+    return _MM_TILES[(_arch(device), dtype)]
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: enough splits to exercise the split-combine path
+
+
+_TUNED: dict = {}
+
+
+def autotuned(key, run) -> Tiles:
+    """Time `run(tiles)` for each candidate once per key; return (and cache) the fastest."""
+    if key not in _TUNED:
+        import triton.testing
+
+        timings = []
+        for tiles in AUTOTUNE_CANDIDATES:
+            try:
+                timings.append((triton.testing.do_bench(lambda: run(tiles)), tiles))
+            except Exception:  # a candidate that does not fit this GPU (shared memory)
+                continue
+        if not timings:
+            raise RuntimeError(f"fusedpref autotune: no candidate config ran for {key}")
+        _TUNED[key] = min(timings, key=lambda t: t[0])[1]
+    return _TUNED[key]

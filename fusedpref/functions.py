@@ -1,0 +1,96 @@
+"""torch.autograd.Function per primitive. Backward takes ANY per-token upstream gradient, so
+the kernels never know which loss they serve."""
+from __future__ import annotations
+
+import torch
+
+from . import chunked
+from ._checks import check_head, check_softcap, check_targets, resolve_backend
+
+
+def _backend_module(name: str):
+    if name == "triton":
+        from . import ops  # imported lazily: the torch backend needs no triton
+
+        return ops
+    return chunked
+
+
+def _compact(targets: torch.Tensor, ignore_index: int):
+    flat = targets.reshape(-1)
+    idx = (flat != ignore_index).nonzero().squeeze(1)
+    return idx, flat.index_select(0, idx)
+
+
+def _rows(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
+
+
+def _scatter_rows(values: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    out = values.new_zeros((n,) + tuple(values.shape[1:]))
+    out.index_copy_(0, idx, values)
+    return out
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """logp = log_softmax(softcap(hidden @ weight.T + bias))[targets], 0 at ignore_index.
+
+    apply(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats)
+    -> (logp float32 [*targets.shape], stats float32 [*targets.shape, 3] or [0]).
+    stats (detached, 0 on ignored rows) = (sum of logits over V, entropy, argmax == target).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias=None, ignore_index=-100, softcap=None,
+                backend="auto", with_stats=False):
+        check_head(hidden, weight, bias)
+        check_targets(hidden, targets, weight.shape[0], ignore_index)
+        softcap = check_softcap(softcap)
+        impl = _backend_module(resolve_backend(backend, hidden.device))
+        n = targets.numel()
+        idx, y = _compact(targets, ignore_index)
+        logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        stats = torch.zeros((n, 3) if with_stats else (0,), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        if idx.numel():
+            logp_v, lse, stats_v = impl.logprob_forward(
+                _rows(hidden, idx), weight, bias, y, softcap, with_stats)
+            logp.index_copy_(0, idx, logp_v)
+            if with_stats:
+                stats.index_copy_(0, idx, stats_v)
+        ctx.mark_non_differentiable(stats)
+        ctx.impl, ctx.softcap, ctx.n = impl, softcap, n
+        if any(ctx.needs_input_grad[i] for i in (0, 1, 3)):
+            ctx.save_for_backward(hidden, weight, bias, idx, y, lse)
+        stats = stats.view(*targets.shape, 3) if with_stats else stats
+        return logp.view(targets.shape), stats
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_stats):
+        hidden, weight, bias, idx, y, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        dh = dw = db = None
+        if idx.numel() == 0 or grad_logp is None:
+            dh = torch.zeros_like(hidden) if need_h else None
+            dw = torch.zeros_like(weight) if need_w else None
+            db = torch.zeros_like(bias) if need_b else None
+            return dh, dw, None, db, None, None, None, None
+        g = grad_logp.reshape(-1).index_select(0, idx)
+        dh_v, dw, db = ctx.impl.logprob_backward(
+            _rows(hidden, idx), weight, bias, y, lse, g, ctx.softcap, need_h, need_w, need_b)
+        if need_h:
+            dh = _scatter_rows(dh_v, idx, ctx.n).view(hidden.shape)
+        if need_b:
+            db = db.to(bias.dtype)
+        return dh, dw, None, db, None, None, None, None
+
+
+def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
+                    backend="auto"):
+    """Per-token log-probabilities of a linear LM head without an N x V tensor.
+
+    hidden [..., D] and weight [V, D] of one dtype (float32, float16 or bfloat16), bias [V] or
+    None, targets [...] integer. Returns float32 of targets' shape, 0.0 where ignore_index.
+    """
+    logp, _ = LinearLogProbs.apply(hidden, weight, targets, bias, ignore_index, softcap, backend, False)
+    return logp

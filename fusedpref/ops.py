@@ -1,0 +1,135 @@
+"""Host wrappers of the Triton kernels: check -> allocate -> grid -> launch.
+
+All functions take the *compacted* rows (ignored targets already removed): h [Nv, D],
+targets y [Nv]. Tensors may live on CUDA, or on the CPU when TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import config
+from ._chunks import vocab_chunk_cols, vocab_chunks
+from .kernels import logprob_dz_kernel, logprob_fwd_kernel, mm_acc_kernel
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    # The Triton interpreter computes bf16 tl.dot wrongly; upcast the operands there only.
+    return config.interpreting() and dtype == torch.bfloat16
+
+
+def _tiles(kind: str, h: torch.Tensor, shape_key, run):
+    if config.autotune_enabled() and h.is_cuda:
+        return config.autotuned((kind, h.dtype, h.device.index) + shape_key, run)
+    return config.logit_tiles(h.device, h.dtype)
+
+
+def combine_splits(part: torch.Tensor, arg: torch.Tensor | None, y: torch.Tensor):
+    """Merges per-split partials [field, split, row] into lse, logp and optional stats."""
+    m, l, zy = part[0], part[1], part[2]
+    big = m.amax(0)
+    scale = torch.exp(m - big)
+    total = (l * scale).sum(0)
+    lse = big + torch.log(total)
+    logp = zy.sum(0) - lse
+    stats = None
+    if arg is not None:
+        logit_sum = part[3].sum(0)
+        entropy = lse - (part[4] * scale).sum(0) / total
+        best = part[5].argmax(0, keepdim=True)          # first split holding the max
+        hit = (arg.gather(0, best).squeeze(0).long() == y).float()
+        stats = torch.stack([logit_sum, entropy, hit], dim=1)
+    return logp, lse, stats
+
+
+def logprob_forward(h, w, b, y, softcap, with_stats: bool):
+    """logp [Nv], lse [Nv] (fp32) and, with_stats, [Nv, 3] = (sum_v z, entropy, argmax hit)."""
+    n, d = h.shape
+    vocab = w.shape[0]
+    nf = 6 if with_stats else 3
+
+    def run(tiles: config.Tiles):
+        n_blocks = triton.cdiv(n, tiles.BLOCK_N)
+        v_tiles = triton.cdiv(vocab, tiles.BLOCK_V)
+        # split the vocabulary across programs until the GPU has ~2 programs per SM
+        splits = min(v_tiles, max(1, triton.cdiv(2 * config.num_sms(h.device), n_blocks)))
+        v_per_split = triton.cdiv(v_tiles, splits) * tiles.BLOCK_V
+        splits = triton.cdiv(vocab, v_per_split)
+        part = config.empty((nf, splits, n), torch.float32, h.device)
+        arg = config.empty((splits, n), torch.int32, h.device) if with_stats else None
+        logprob_fwd_kernel[(n_blocks, splits)](
+            h, w, b if b is not None else h, y, part, arg if arg is not None else part,
+            n, vocab, d, v_per_split, splits,
+            h.stride(0), h.stride(1), w.stride(0), w.stride(1),
+            softcap if softcap is not None else 1.0,
+            HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, STATS=with_stats,
+            DOT_FP32=_dot_fp32(h.dtype), **tiles.constexprs(), **tiles.launch(),
+        )
+        return part, arg
+
+    tiles = _tiles("fwd", h, (triton.next_power_of_2(n), vocab, d, with_stats), run)
+    part, arg = run(tiles)
+    return combine_splits(part, arg, y)
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
+    """c (fp32) += a @ b."""
+    tiles = config.mm_tiles(a.device, a.dtype)
+    m, k = a.shape
+    n = b.shape[1]
+    grid = (triton.cdiv(m, tiles.BLOCK_N) * triton.cdiv(n, tiles.BLOCK_V),)
+    mm_acc_kernel[grid](
+        a, b, c, m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        BLOCK_M=tiles.BLOCK_N, BLOCK_N=tiles.BLOCK_V, BLOCK_K=tiles.BLOCK_D,
+        GROUP_M=config.GROUP_M, DOT_FP32=_dot_fp32(a.dtype), **tiles.launch(),
+    )
+
+
+def chunked_head_backward(h, w, need_h, need_w, need_b, fill_dz):
+    """Drives a backward through vocabulary chunks of the logit gradient dz.
+
+    fill_dz(dz_view, v0, v1) writes dz[:, v0:v1] (operand dtype) into dz_view [Nv, v1 - v0].
+    Per chunk: dW[v0:v1] = dz^T @ h (one rounding, cuBLAS), db[v0:v1] = column sums of dz,
+    dH += dz @ W[v0:v1] into an fp32 accumulator (mm_acc kernel), rounded once at the end.
+    """
+    n, d = h.shape
+    vocab = w.shape[0]
+    tiles = config.logit_tiles(h.device, h.dtype)
+    cols = vocab_chunk_cols(n, vocab, h.element_size(), tiles.BLOCK_V)
+    dz = config.empty((n, cols), h.dtype, h.device)
+    dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need_h else None
+    dw = config.empty((vocab, d), w.dtype, w.device) if need_w else None
+    db = config.empty((vocab,), torch.float32, w.device) if need_b else None
+    for v0, v1 in vocab_chunks(vocab, cols):
+        dzc = dz[:, : v1 - v0]
+        fill_dz(dzc, v0, v1)
+        if need_w:
+            torch.mm(dzc.t(), h, out=dw[v0:v1])
+        if need_b:
+            torch.sum(dzc, dim=0, dtype=torch.float32, out=db[v0:v1])
+        if need_h:
+            _mm_acc(dzc, w[v0:v1], dh)
+    return (dh.to(h.dtype) if need_h else None), dw, db
+
+
+def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
+    """Gradients of sum_i g_i * logp_i w.r.t. h [Nv, D], w [V, D], b [V] (None where not needed)."""
+    n, d = h.shape
+    vocab = w.shape[0]
+    g = g.float().contiguous()
+
+    def fill(dzc, v0, v1):
+        def run(tiles):
+            grid = (triton.cdiv(n, tiles.BLOCK_N), triton.cdiv(v1 - v0, tiles.BLOCK_V))
+            logprob_dz_kernel[grid](
+                h, w, b if b is not None else h, y, lse, g, dzc,
+                n, vocab, d, v0, v1 - v0,
+                h.stride(0), h.stride(1), w.stride(0), w.stride(1), dzc.stride(0),
+                softcap if softcap is not None else 1.0,
+                HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None,
+                DOT_FP32=_dot_fp32(h.dtype), **tiles.constexprs(), **tiles.launch(),
+            )
+        run(_tiles("dz", h, (triton.next_power_of_2(n), v1 - v0, d), run))
+
+    return chunked_head_backward(h, w, need_h, need_w, need_b, fill)

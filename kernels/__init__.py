@@ -1,0 +1,8 @@
+"""@triton.jit kernels of fusedpref (installed as ``fusedpref.kernels``).
+
+Only Triton code lives here: no torch, no autograd. Host wrappers are in ``fusedpref.ops``.
+"""
+from .logprobs import logprob_dz_kernel, logprob_fwd_kernel
+from .matmul import mm_acc_kernel
+
+__all__ = ["logprob_fwd_kernel", "logprob_dz_kernel", "mm_acc_kernel"]

@@ -1,0 +1,120 @@
+"""Per-token log-probabilities of a linear LM head, and the logit gradient for backward.
+
+Forward (per valid row i, vocabulary split s):
+    z[i, v]   = logit_tile(...)                                  (kernels/tiles.py)
+    m_s, l_s  = running max and sum_v exp(z - m_s) over the split (online log-sum-exp)
+    t_s       = z[i, y_i] if y_i falls in the split else 0
+  The host combines splits: lse = M + log sum_s l_s exp(m_s - M), logp = sum_s t_s - lse.
+  With STATS it also keeps sum_v z, sum_v exp(z - m_s) z (for the entropy
+  H = lse - E_p[z]) and the first argmax of z.
+
+Backward (logit gradient for one vocabulary chunk, from the saved lse):
+    dz[i, v] = g_i * (onehot(y_i)[v] - exp(z[i, v] - lse_i)) * dcap[i, v]
+    dcap     = 1 - (z / softcap)^2   (derivative of softcap * tanh(. / softcap)), else 1
+  dH, dW, db are then matmuls and a column sum of dz (host side, fusedpref/ops.py).
+"""
+import triton
+import triton.language as tl
+
+from .tiles import logit_tile
+
+
+@triton.jit
+def logprob_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, arg_ptr,
+    N, V, D, v_per_split, n_splits,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, STATS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    if STATS:
+        zsum = tl.zeros((BLOCK_N,), tl.float32)
+        pz = tl.zeros((BLOCK_N,), tl.float32)
+        amax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        aidx = tl.zeros((BLOCK_N,), tl.int32)
+
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        # 1. logits of this vocabulary tile; columns past the split are -inf
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < v_end
+        z = logit_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr, softcap,
+                       rows, row_mask, cols, col_mask, D,
+                       BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_FP32)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        # 2. online log-sum-exp: rescale the running sum to the new max
+        tile_max = tl.max(z, axis=1)
+        m_new = tl.maximum(m, tile_max)
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        # 3. the target logit (exactly one tile of one split holds it)
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        if STATS:
+            # 4. sum of logits, unnormalised E_p[z] (same rescaling), first argmax
+            z0 = tl.where(col_mask[None, :], z, 0.0)   # p is 0 there; avoid 0 * -inf
+            zsum += tl.sum(z0, axis=1)
+            pz = pz * alpha + tl.sum(p * z0, axis=1)
+            tile_arg = (tl.argmax(z, axis=1) + v0).to(tl.int32)
+            better = tile_max > amax
+            aidx = tl.where(better, tile_arg, aidx)
+            amax = tl.where(better, tile_max, amax)
+        m = m_new
+
+    # 5. partials [field, split, row]; the host combines the splits
+    plane = n_splits * N
+    out = part_ptr + pid_s * N + rows
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + plane, l, mask=row_mask)
+    tl.store(out + 2 * plane, zy, mask=row_mask)
+    if STATS:
+        tl.store(out + 3 * plane, zsum, mask=row_mask)
+        tl.store(out + 4 * plane, pz, mask=row_mask)
+        tl.store(out + 5 * plane, amax, mask=row_mask)
+        tl.store(arg_ptr + pid_s * N + rows, aidx, mask=row_mask)
+
+
+@triton.jit
+def logprob_dz_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr,
+    N, V, D, v_lo, n_cols,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn,
+    softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    col_mask = local < n_cols
+    cols = v_lo + local
+    # 1. recompute the logit tile
+    z = logit_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr, softcap,
+                   rows, row_mask, cols, col_mask, D,
+                   BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_FP32)
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    # 2. dz = g * (onehot - softmax), times the soft-cap derivative
+    p = tl.exp(z - lse[:, None])
+    dz = g[:, None] * (tl.where(cols[None, :] == y[:, None], 1.0, 0.0) - p)
+    if HAS_SOFTCAP:
+        c = z / softcap
+        dz = dz * (1.0 - c * c)
+    # 3. store in the operand dtype for the tensor-core matmuls that follow
+    ptrs = dz_ptr + rows[:, None] * stride_dzn + local[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

@@ -1,0 +1,51 @@
+"""Accumulating matmul with an fp32 accumulator in memory:   C[M, N] += A[M, K] @ B[K, N].
+
+Used for dH = sum over vocabulary chunks of dz_chunk @ W_chunk, so that the hidden-state
+gradient of a 16-bit head is summed in fp32 across chunks and rounded once at the end.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mm_acc_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # 1. grouped program order: GROUP_M row blocks share the same B columns in L2
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = (first_m + (pid % (GROUP_M * n_n)) % size_m).to(tl.int64)
+    pid_n = ((pid % (GROUP_M * n_n)) // size_m).to(tl.int64)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # 2. fp32 accumulation over K
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_mask = k < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + k[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + k[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if a.dtype == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(a, b, acc)
+    # 3. read-modify-write of the fp32 accumulator (each tile is owned by one program)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(c_ptrs, tl.load(c_ptrs, mask=c_mask, other=0.0) + acc, mask=c_mask)

@@ -1,0 +1,52 @@
+"""Building blocks shared by the kernels: one logit tile of a linear LM head.
+
+    z[r, c] = sum_d h[r, d] * w[c, d]  (+ b[c])          fp32 accumulation
+    z       = softcap * tanh(z / softcap)                 when HAS_SOFTCAP (Gemma-2 style)
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    # tanh(x) = sign(x) * (1 - e^{-2|x|}) / (1 + e^{-2|x|}); never overflows.
+    t = tl.exp(-2.0 * tl.abs(x))
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(x >= 0, r, -r)
+
+
+@triton.jit
+def logit_tile(
+    h_ptr, stride_hn, stride_hd,
+    w_ptr, stride_wv, stride_wd,
+    b_ptr, softcap,
+    rows, row_mask, cols, col_mask, D,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """fp32 tile z[BLOCK_N, BLOCK_V] for int64 `rows` of h and `cols` (vocab ids) of w."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_base = h_ptr + rows[:, None] * stride_hn
+    w_base = w_ptr + cols[None, :] * stride_wv
+    # 1. reduce over the hidden dimension in BLOCK_D slices (w is read transposed: [D, V])
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < D
+        h = tl.load(h_base + d[None, :] * stride_hd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_base + d[:, None] * stride_wd, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+        if DOT_FP32:
+            # the Triton interpreter's bf16 dot is wrong; upcast there (never on a GPU)
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if h.dtype == tl.float32:
+            # three TF32 passes: fp32-level accuracy on tensor cores
+            acc = tl.dot(h, w, acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(h, w, acc)
+    # 2. bias and soft-capping in fp32
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
+    return acc
