@@ -79,7 +79,7 @@ def head_backward(h, w, need_h, need_w, need_b, chunk_dz):
         if need_b:
             db[v0:v1] = dz.sum(0)
         if need_h:
-            dh.addmm_(dz, w[v0:v1].float())
+            dh += dz @ w[v0:v1].float()
     return (dh.to(h.dtype) if need_h else None), dw, db
 
 

@@ -34,25 +34,34 @@ class Tiles:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-# Logit-tile kernels (forward, dz). 16-bit: 128x128 tiles, 64-wide K slices (wgmma on sm_90).
-# fp32 runs three TF32 passes per dot and needs twice the shared memory per stage: smaller K.
-_LOGIT_TILES = {
-    (9, torch.bfloat16): Tiles(128, 128, 64, 8, 3),
-    (9, torch.float16): Tiles(128, 128, 64, 8, 3),
-    (9, torch.float32): Tiles(64, 128, 32, 8, 3),
-    (8, torch.bfloat16): Tiles(128, 128, 32, 8, 3),
-    (8, torch.float16): Tiles(128, 128, 32, 8, 3),
-    (8, torch.float32): Tiles(64, 128, 32, 4, 3),
-}
-# mm_acc (dH += dz @ W): BLOCK_N is the M tile (rows), BLOCK_V the N tile (hidden), BLOCK_D is K.
-_MM_TILES = {
-    (9, torch.bfloat16): Tiles(128, 128, 64, 8, 3),
-    (9, torch.float16): Tiles(128, 128, 64, 8, 3),
-    (9, torch.float32): Tiles(64, 128, 32, 8, 3),
-    (8, torch.bfloat16): Tiles(128, 128, 32, 8, 3),
-    (8, torch.float16): Tiles(128, 128, 32, 8, 3),
-    (8, torch.float32): Tiles(64, 128, 32, 4, 3),
-}
+# One config per (kernel, arch major, dtype): chosen so that every kernel compiles for sm_80 and
+# sm_90 with zero register spills (tests/test_aot.py checks it) and uses wgmma on sm_90.
+# "fwd_stats" is the forward with the metric statistics (more live registers).
+# For "mm" (dH += dz @ W) BLOCK_N is the row tile, BLOCK_V the hidden tile, BLOCK_D the K slice.
+# fp32 runs three TF32 passes per dot ("tf32x3"), which costs registers: smaller tiles.
+_BF, _FP, _F32 = torch.bfloat16, torch.float16, torch.float32
+TILES = {}
+for _dt in (_BF, _FP):
+    TILES.update({
+        ("fwd", 9, _dt): Tiles(128, 64, 64, 8, 3),
+        ("fwd_stats", 9, _dt): Tiles(128, 64, 64, 8, 3),
+        ("dz", 9, _dt): Tiles(128, 128, 64, 8, 3),
+        ("mm", 9, _dt): Tiles(128, 128, 64, 8, 3),
+        ("fwd", 8, _dt): Tiles(128, 64, 64, 8, 3),
+        ("fwd_stats", 8, _dt): Tiles(128, 64, 64, 8, 3),
+        ("dz", 8, _dt): Tiles(128, 128, 32, 8, 3),
+        ("mm", 8, _dt): Tiles(128, 128, 32, 8, 3),
+    })
+TILES.update({
+    ("fwd", 9, _F32): Tiles(64, 128, 32, 8, 3),
+    ("fwd_stats", 9, _F32): Tiles(64, 128, 32, 8, 3),
+    ("dz", 9, _F32): Tiles(64, 128, 32, 8, 3),
+    ("mm", 9, _F32): Tiles(64, 128, 32, 8, 3),
+    ("fwd", 8, _F32): Tiles(64, 64, 32, 8, 3),
+    ("fwd_stats", 8, _F32): Tiles(64, 64, 32, 8, 3),
+    ("dz", 8, _F32): Tiles(64, 64, 32, 4, 3),
+    ("mm", 8, _F32): Tiles(64, 64, 32, 4, 3),
+})
 # In the Triton interpreter (CPU tests) small tiles, so that tests at 37 tokens x hidden 72 x
 # vocab 1009 cross several row blocks, K slices and vocabulary tiles.
 _INTERPRETER_TILES = Tiles(16, 64, 32, 4, 1)
@@ -98,16 +107,11 @@ def _arch(device: torch.device) -> int:
     return 9 if major >= 9 else 8
 
 
-def logit_tiles(device: torch.device, dtype: torch.dtype) -> Tiles:
+def tiles(kernel: str, device: torch.device, dtype: torch.dtype) -> Tiles:
+    """The fixed config of `kernel` ("fwd", "fwd_stats", "dz", "mm") for this device and dtype."""
     if interpreting():
         return _INTERPRETER_TILES
-    return _LOGIT_TILES[(_arch(device), dtype)]
-
-
-def mm_tiles(device: torch.device, dtype: torch.dtype) -> Tiles:
-    if interpreting():
-        return _INTERPRETER_TILES
-    return _MM_TILES[(_arch(device), dtype)]
+    return TILES[(kernel, _arch(device), dtype)]
 
 
 def num_sms(device: torch.device) -> int:

@@ -18,10 +18,10 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return config.interpreting() and dtype == torch.bfloat16
 
 
-def _tiles(kind: str, h: torch.Tensor, shape_key, run):
+def _tiles(kernel: str, h: torch.Tensor, shape_key, run):
     if config.autotune_enabled() and h.is_cuda:
-        return config.autotuned((kind, h.dtype, h.device.index) + shape_key, run)
-    return config.logit_tiles(h.device, h.dtype)
+        return config.autotuned((kernel, h.dtype, h.device.index) + shape_key, run)
+    return config.tiles(kernel, h.device, h.dtype)
 
 
 def combine_splits(part: torch.Tensor, arg: torch.Tensor | None, y: torch.Tensor):
@@ -67,14 +67,14 @@ def logprob_forward(h, w, b, y, softcap, with_stats: bool):
         )
         return part, arg
 
-    tiles = _tiles("fwd", h, (triton.next_power_of_2(n), vocab, d, with_stats), run)
+    tiles = _tiles("fwd_stats" if with_stats else "fwd", h, (triton.next_power_of_2(n), vocab, d, with_stats), run)
     part, arg = run(tiles)
     return combine_splits(part, arg, y)
 
 
 def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     """c (fp32) += a @ b."""
-    tiles = config.mm_tiles(a.device, a.dtype)
+    tiles = config.tiles("mm", a.device, a.dtype)
     m, k = a.shape
     n = b.shape[1]
     grid = (triton.cdiv(m, tiles.BLOCK_N) * triton.cdiv(n, tiles.BLOCK_V),)
@@ -95,7 +95,7 @@ def chunked_head_backward(h, w, need_h, need_w, need_b, fill_dz):
     """
     n, d = h.shape
     vocab = w.shape[0]
-    tiles = config.logit_tiles(h.device, h.dtype)
+    tiles = config.tiles("dz", h.device, h.dtype)
     cols = vocab_chunk_cols(n, vocab, h.element_size(), tiles.BLOCK_V)
     dz = config.empty((n, cols), h.dtype, h.device)
     dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need_h else None

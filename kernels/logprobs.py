@@ -31,9 +31,12 @@ def logprob_fwd_kernel(
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_n * BLOCK_N                      # int64 scalar; in-tile offsets are int32
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    h_blk = h_ptr + row0 * stride_hn
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    offs_v = tl.arange(0, BLOCK_V)
 
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_N,), tl.float32)
@@ -48,10 +51,9 @@ def logprob_fwd_kernel(
     v_end = tl.minimum(v_start + v_per_split, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         # 1. logits of this vocabulary tile; columns past the split are -inf
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_mask = cols < v_end
-        z = logit_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr, softcap,
-                       rows, row_mask, cols, col_mask, D,
+        col_mask = offs_v < v_end - v0
+        z = logit_tile(h_blk, stride_hn, stride_hd, w_ptr + v0 * stride_wv, stride_wv, stride_wd,
+                       b_ptr + v0, softcap, row_mask, col_mask, D,
                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_FP32)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         # 2. online log-sum-exp: rescale the running sum to the new max
@@ -61,7 +63,8 @@ def logprob_fwd_kernel(
         p = tl.exp(z - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         # 3. the target logit (exactly one tile of one split holds it)
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        y_local = (y - v0).to(tl.int32)
+        zy += tl.sum(tl.where(offs_v[None, :] == y_local[:, None], z, 0.0), axis=1)
         if STATS:
             # 4. sum of logits, unnormalised E_p[z] (same rescaling), first argmax
             z0 = tl.where(col_mask[None, :], z, 0.0)   # p is 0 there; avoid 0 * -inf
@@ -97,24 +100,26 @@ def logprob_dz_kernel(
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_n * BLOCK_N                      # int64 scalars; in-tile offsets are int32
+    col0 = pid_v * BLOCK_V                      # first column of the tile within the chunk
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    col_mask = local < n_cols
-    cols = v_lo + local
+    offs_v = tl.arange(0, BLOCK_V)
+    col_mask = offs_v < n_cols - col0
+    v0 = v_lo + col0                            # first vocabulary id of the tile
     # 1. recompute the logit tile
-    z = logit_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr, softcap,
-                   rows, row_mask, cols, col_mask, D,
+    z = logit_tile(h_ptr + row0 * stride_hn, stride_hn, stride_hd, w_ptr + v0 * stride_wv,
+                   stride_wv, stride_wd, b_ptr + v0, softcap, row_mask, col_mask, D,
                    BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, DOT_FP32)
-    y = tl.load(y_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    y_local = (tl.load(y_ptr + rows, mask=row_mask, other=-1) - v0).to(tl.int32)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
     # 2. dz = g * (onehot - softmax), times the soft-cap derivative
     p = tl.exp(z - lse[:, None])
-    dz = g[:, None] * (tl.where(cols[None, :] == y[:, None], 1.0, 0.0) - p)
+    dz = g[:, None] * (tl.where(offs_v[None, :] == y_local[:, None], 1.0, 0.0) - p)
     if HAS_SOFTCAP:
         c = z / softcap
         dz = dz * (1.0 - c * c)
     # 3. store in the operand dtype for the tensor-core matmuls that follow
-    ptrs = dz_ptr + rows[:, None] * stride_dzn + local[None, :]
+    ptrs = dz_ptr + row0 * stride_dzn + col0 + tl.arange(0, BLOCK_N)[:, None] * stride_dzn + offs_v[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

@@ -24,20 +24,23 @@ def mm_acc_kernel(
     pid_m = (first_m + (pid % (GROUP_M * n_n)) % size_m).to(tl.int64)
     pid_n = ((pid % (GROUP_M * n_n)) // size_m).to(tl.int64)
 
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_mask = rm < M
-    n_mask = rn < N
+    m0 = pid_m * BLOCK_M                        # int64 scalars; in-tile offsets are int32
+    n0 = pid_n * BLOCK_N
+    om = tl.arange(0, BLOCK_M)
+    on = tl.arange(0, BLOCK_N)
+    ok = tl.arange(0, BLOCK_K)
+    m_mask = om < M - m0
+    n_mask = on < N - n0
+    a_ptrs = a_ptr + m0 * stride_am + om[:, None] * stride_am + ok[None, :] * stride_ak
+    b_ptrs = b_ptr + n0 * stride_bn + ok[:, None] * stride_bk + on[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # 2. fp32 accumulation over K
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        k_mask = k < K
-        a = tl.load(a_ptr + rm[:, None] * stride_am + k[None, :] * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + k[:, None] * stride_bk + rn[None, :] * stride_bn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        k_mask = ok < K - k0
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -46,6 +49,6 @@ def mm_acc_kernel(
         else:
             acc = tl.dot(a, b, acc)
     # 3. read-modify-write of the fp32 accumulator (each tile is owned by one program)
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_ptrs = c_ptr + m0 * stride_cm + n0 * stride_cn + om[:, None] * stride_cm + on[None, :] * stride_cn
     c_mask = m_mask[:, None] & n_mask[None, :]
     tl.store(c_ptrs, tl.load(c_ptrs, mask=c_mask, other=0.0) + acc, mask=c_mask)

@@ -17,24 +17,26 @@ def tanh(x):
 
 @triton.jit
 def logit_tile(
-    h_ptr, stride_hn, stride_hd,
-    w_ptr, stride_wv, stride_wd,
-    b_ptr, softcap,
-    rows, row_mask, cols, col_mask, D,
+    h_blk, stride_hn, stride_hd,
+    w_blk, stride_wv, stride_wd,
+    b_blk, softcap,
+    row_mask, col_mask, D,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """fp32 tile z[BLOCK_N, BLOCK_V] for int64 `rows` of h and `cols` (vocab ids) of w."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    """fp32 tile z[BLOCK_N, BLOCK_V]. h_blk, w_blk, b_blk already point at the tile's first
+    row / vocabulary column (int64 scalar offsets); in-tile offsets stay int32."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_v = tl.arange(0, BLOCK_V)
     offs_d = tl.arange(0, BLOCK_D)
-    h_base = h_ptr + rows[:, None] * stride_hn
-    w_base = w_ptr + cols[None, :] * stride_wv
-    # 1. reduce over the hidden dimension in BLOCK_D slices (w is read transposed: [D, V])
+    h_ptrs = h_blk + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd
+    w_ptrs = w_blk + offs_d[:, None] * stride_wd + offs_v[None, :] * stride_wv   # w read as [D, V]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    # 1. reduce over the hidden dimension in BLOCK_D slices
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        d_mask = d < D
-        h = tl.load(h_base + d[None, :] * stride_hd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(w_base + d[:, None] * stride_wd, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+        d_mask = (d0 + offs_d) < D
+        h = tl.load(h_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
         if DOT_FP32:
             # the Triton interpreter's bf16 dot is wrong; upcast there (never on a GPU)
             h = h.to(tl.float32)
@@ -44,9 +46,11 @@ def logit_tile(
             acc = tl.dot(h, w, acc, input_precision="tf32x3")
         else:
             acc = tl.dot(h, w, acc)
+        h_ptrs += BLOCK_D * stride_hd
+        w_ptrs += BLOCK_D * stride_wd
     # 2. bias and soft-capping in fp32
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_blk + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return acc

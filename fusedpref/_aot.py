@@ -1,0 +1,110 @@
+"""Ahead-of-time compilation of every kernel for sm_80 / sm_90 without a GPU.
+
+    python -m fusedpref._aot            # prints one JSON line per (kernel, arch, dtype)
+
+Used by tests/test_aot.py (in a subprocess: the interpreter must be off) to prove each kernel
+compiles with the configs of fusedpref.config, spills no registers, and uses wgmma on sm_90.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _specs(arch: int, dtype: torch.dtype):
+    """(name, kernel, signature, constexprs, launch options) for every kernel launch kind."""
+    from . import config
+    from . import kernels
+
+    t = _TT[dtype]
+    cfg = {k: config.TILES[(k, arch, dtype)] for k in ("fwd", "fwd_stats", "dz", "mm")}
+    mt = cfg["mm"]
+    head = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": "*i64"}
+    strides = {"stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32", "stride_wd": "constexpr"}
+    unit = {"stride_hd": 1, "stride_wd": 1}
+    flags = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "DOT_FP32": False}
+    for stats in (False, True):
+        sig = {**head, "part_ptr": "*fp32", "arg_ptr": "*i32", "N": "i32", "V": "i32", "D": "i32",
+               "v_per_split": "i32", "n_splits": "i32", **strides, "softcap": "fp32"}
+        lt = cfg["fwd_stats" if stats else "fwd"]
+        const = {**unit, **flags, "STATS": stats, **lt.constexprs()}
+        yield (f"logprob_fwd{'_stats' if stats else ''}", kernels.logprob_fwd_kernel, sig, const, lt.launch())
+    sig = {**head, "lse_ptr": "*fp32", "g_ptr": "*fp32", "dz_ptr": f"*{t}", "N": "i32", "V": "i32",
+           "D": "i32", "v_lo": "i32", "n_cols": "i32", **strides, "stride_dzn": "i32", "softcap": "fp32"}
+    dt_ = cfg["dz"]
+    yield ("logprob_dz", kernels.logprob_dz_kernel, sig, {**unit, **flags, **dt_.constexprs()}, dt_.launch())
+    sig = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_am": "i32", "stride_ak": "constexpr", "stride_bk": "i32", "stride_bn": "constexpr",
+           "stride_cm": "i32", "stride_cn": "constexpr"}
+    const = {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1, "BLOCK_M": mt.BLOCK_N, "BLOCK_N": mt.BLOCK_V,
+             "BLOCK_K": mt.BLOCK_D, "GROUP_M": config.GROUP_M, "DOT_FP32": False}
+    yield ("mm_acc", kernels.mm_acc_kernel, sig, const, mt.launch())
+    for extra in getattr(kernels, "AOT_EXTRA", lambda a, d, t: [])(arch, dtype, t):
+        yield extra
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    return {k: int(v) for k, v in zip(("reg", "stack", "shared", "local"), m.groups())}
+
+
+def compile_one(job):
+    arch, dtype_name, index = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    dtype = getattr(torch, dtype_name)
+    name, fn, sig, const, launch = list(_specs(arch, dtype))[index]
+    # What the JIT specializes on a real launch at LLM shapes: 16-byte aligned pointers, strides
+    # and hidden sizes divisible by 16 (row counts and vocabulary sizes are left arbitrary).
+    aligned = {"D", "v_per_split", "v_lo"} | ({"N"} if name == "mm_acc" else set())
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, ty in sig.items()
+             if ty.startswith("*") or (ty != "constexpr" and (k.startswith("stride_") or k in aligned))}
+    src = ASTSource(fn, sig, const, attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch * 10, 32), options=launch)
+    usage = _resource_usage(compiled.asm["cubin"])
+    return {"kernel": name, "arch": f"sm_{arch}0", "dtype": dtype_name,
+            "wgmma": "wgmma" in compiled.asm["ptx"], "shared_bytes": compiled.metadata.shared,
+            **usage}
+
+
+def jobs():
+    out = []
+    for arch in (8, 9):
+        for dtype in _TT:
+            n = len(list(_specs(arch, dtype)))
+            out += [(arch, str(dtype).split(".")[1], i) for i in range(n)]
+    return out
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: AOT compilation needs the real compiler", file=sys.stderr)
+        return 2
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers) as pool:
+        for row in pool.map(compile_one, jobs()):
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

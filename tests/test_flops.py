@@ -1,0 +1,32 @@
+"""The torch backend does exactly the FLOPs its derivation says (FlopCounterMode counts every
+matmul): forward 2*Nv*D*V, backward 2 (recompute) + 2 (dW) + 2 (dH) times Nv*D*V, frozen head
+4*Nv*D*V; ignored rows (N - Nv of them) cost nothing."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fusedpref
+
+N, D, V = 64, 32, 500
+
+
+def _count(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_flops_follow_valid_rows(frozen):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g, requires_grad=not frozen)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[: N * 3 // 4] = -100          # 75% ignored, as prompts often are
+    nv = int((y != -100).sum())
+    out = {}
+    fwd = _count(lambda: out.setdefault("logp", fusedpref.linear_logprobs(h, w, y, backend="torch")))
+    bwd = _count(lambda: out["logp"].backward(torch.randn(N, generator=g)))
+    assert fwd == 2 * nv * D * V
+    assert bwd == (4 if frozen else 6) * nv * D * V
+    assert (w.grad is None) == frozen
