@@ -1,0 +1,22 @@
+# Sourced by scripts/test.sh (and later commands): creates ./.venv on first use with torch (the
+# CPU build torch==2.13.0 where there is no NVIDIA GPU), triton, numpy, the dev tools and
+# fusedpref itself (editable), then activates it. Override the torch spec with FUSEDPREF_TORCH.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${FUSEDPREF_VENV:-$ROOT/.venv}"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, triton, fusedpref, pytest, hypothesis" 2>/dev/null; then
+    echo "[fusedpref] creating environment in $VENV" >&2
+    python3 -m venv "$VENV"
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        TORCH_SPEC="${FUSEDPREF_TORCH:-torch}"
+    else
+        TORCH_SPEC="${FUSEDPREF_TORCH:-torch==2.13.0}"
+    fi
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -m pip install -q triton numpy pytest hypothesis pytest-benchmark matplotlib tqdm 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -c "import torch, triton, fusedpref; print('[fusedpref] torch', torch.__version__, 'triton', triton.__version__)" >&2
+fi
+export PATH="$VENV/bin:$PATH"
+export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
