@@ -1,0 +1,132 @@
+"""preference_loss(...): fused LM head -> per-token log-probs -> sequence sums -> loss + metrics.
+
+Batch convention (TRL's and Liger's): hidden [2B, T, D], targets [2B, T]; rows 0..B-1 are the
+chosen sequences, rows B..2B-1 the rejected ones; positions equal to ignore_index (prompt,
+padding) are skipped.
+"""
+from __future__ import annotations
+
+import torch
+
+from .functions import LinearLogProbs
+from .losses import LOSSES, Pairs, check_loss_args
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats):
+    logp, stats = LinearLogProbs.apply(hidden, weight, targets, bias, ignore_index, softcap,
+                                       backend, with_stats)
+    return logp.sum(-1), stats
+
+
+def _check_batch(hidden, targets, name="hidden"):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 3:
+        raise ValueError(f"{name} must have shape [2B, T, D] (chosen rows first, then rejected), "
+                         f"got {None if not isinstance(hidden, torch.Tensor) else list(hidden.shape)}")
+    if hidden.shape[0] % 2:
+        raise ValueError(f"{name} must hold 2B sequences (B chosen then B rejected); got {hidden.shape[0]} rows")
+
+
+def reference_logps(ref_hidden, ref_weight, targets, *, ref_bias=None, ignore_index=-100, softcap=None,
+                    backend="auto"):
+    """Sequence log-probs [2B] of a reference head, forward only: no graph, nothing saved."""
+    with torch.no_grad():
+        logps, _ = _sequence_logps(ref_hidden.detach(), ref_weight.detach(), targets,
+                                   None if ref_bias is None else ref_bias.detach(),
+                                   ignore_index, softcap, backend, False)
+    return logps
+
+
+def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, bias=None,
+                    ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None,
+                    ignore_index=-100, softcap=None, label_smoothing=0.0, loss_weights=None,
+                    reduction="mean", backend="auto", **loss_specific):
+    """Fused preference loss. Returns (loss, metrics); see README for every loss type."""
+    types, weights, params = check_loss_args(loss_type, loss_weights, label_smoothing, beta, loss_specific)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_batch(hidden, targets)
+    needs_ref = any(LOSSES[t].needs_ref for t in types)
+    has_fused_ref = ref_hidden is not None or ref_weight is not None
+    if has_fused_ref and ref_logps is not None:
+        raise ValueError("pass either ref_logps or ref_hidden/ref_weight, not both")
+    if has_fused_ref and (ref_hidden is None or ref_weight is None):
+        raise ValueError("ref_hidden and ref_weight must be given together")
+    if needs_ref and not has_fused_ref and ref_logps is None:
+        raise ValueError(f"loss_type {types} needs a reference: pass ref_logps [2B] or ref_hidden/ref_weight")
+
+    # 1. policy: per-token log-probs (fused) summed per sequence, plus metric statistics
+    logps, stats = _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, True)
+    two_b = logps.shape[0]
+    b = two_b // 2
+    mask = targets != ignore_index
+    lengths = mask.sum(-1).to(logps.dtype).clamp(min=1)
+
+    # 2. reference: precomputed, or the fused kernel forward-only
+    ref = None
+    if has_fused_ref:
+        _check_batch(ref_hidden, targets, "ref_hidden")
+        ref = reference_logps(ref_hidden, ref_weight, targets, ref_bias=ref_bias,
+                              ignore_index=ignore_index, softcap=softcap, backend=backend)
+    elif ref_logps is not None:
+        if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (two_b,):
+            raise ValueError(f"ref_logps must be a tensor of shape [2B]=[{two_b}], got "
+                             f"{getattr(ref_logps, 'shape', type(ref_logps).__name__)}")
+        ref = ref_logps.detach().to(device=logps.device, dtype=logps.dtype)
+
+    pairs = Pairs(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
+                  lengths[:b], lengths[b:], float(beta), float(label_smoothing), params)
+
+    # 3. the loss on [B] tensors
+    losses = sum(w * LOSSES[t].fn(pairs) for t, w in zip(types, weights))
+    loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
+    return loss, _metrics(pairs, LOSSES[types[0]].rewards, stats, mask, weight.shape[0], b)
+
+
+@torch.no_grad()
+def _metrics(p: Pairs, rewards_kind, stats, mask, vocab, b):
+    if p.ref_chosen is not None and rewards_kind == "ratio":
+        rc, rr = p.beta * (p.chosen - p.ref_chosen), p.beta * (p.rejected - p.ref_rejected)
+    elif rewards_kind == "avg":
+        rc, rr = p.beta * p.chosen_avg, p.beta * p.rejected_avg
+    else:
+        rc, rr = p.beta * p.chosen, p.beta * p.rejected
+    m = mask.to(stats.dtype)
+    mc, mr = m[:b], m[b:]
+
+    def token_mean(x, w):
+        return (x * w).sum() / w.sum().clamp(min=1)
+
+    return {
+        "rewards/chosen": rc.detach().mean(),
+        "rewards/rejected": rr.detach().mean(),
+        "rewards/accuracies": (rc > rr).float().mean(),
+        "rewards/margins": (rc - rr).detach().mean(),
+        "logps/chosen": p.chosen.detach().mean(),
+        "logps/rejected": p.rejected.detach().mean(),
+        "logits/chosen": token_mean(stats[:b, :, 0] / vocab, mc),
+        "logits/rejected": token_mean(stats[b:, :, 0] / vocab, mr),
+        "entropy": token_mean(stats[..., 1], m),
+        "mean_token_accuracy": token_mean(stats[:b, :, 2], mc),
+    }
+
+
+class FusedLinearPreferenceLoss(torch.nn.Module):
+    """nn.Module front of preference_loss: stores hyperparameters only, no parameters."""
+
+    def __init__(self, loss_type="sigmoid", beta=0.1, *, ignore_index=-100, softcap=None,
+                 label_smoothing=0.0, loss_weights=None, reduction="mean", backend="auto", **loss_specific):
+        super().__init__()
+        check_loss_args(loss_type, loss_weights, label_smoothing, beta, loss_specific)
+        self.kwargs = dict(loss_type=loss_type, beta=beta, ignore_index=ignore_index, softcap=softcap,
+                           label_smoothing=label_smoothing, loss_weights=loss_weights,
+                           reduction=reduction, backend=backend, **loss_specific)
+
+    def forward(self, hidden, weight, targets, bias=None, *, ref_hidden=None, ref_weight=None,
+                ref_bias=None, ref_logps=None):
+        return preference_loss(hidden, weight, targets, bias=bias, ref_hidden=ref_hidden,
+                               ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps, **self.kwargs)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
