@@ -130,3 +130,71 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden=None, ref_weight=None,
+             ref_bias=None, ref_logps=None, kl_hidden=None, kl_targets=None, ref_kl_hidden=None,
+             kl_logps=None, ref_kl_logps=None, desirable_weight=1.0, undesirable_weight=1.0,
+             ignore_index=-100, softcap=None, reduction="mean", backend="auto"):
+    """KTO (TRL's KTOTrainer) on unpaired sequences: hidden [N, T, D], targets [N, T], labels [N]
+    bool (True = desirable). The reference-KL estimate z0 = clamp(mean(kl_logps - ref_kl_logps), 0)
+    comes from mismatched completions, either precomputed (kl_logps, ref_kl_logps [M]) or through
+    the fused heads forward-only (kl_hidden, ref_kl_hidden [M, T', D] with kl_targets [M, T']);
+    it is detached, as in TRL. Without either, z0 = 0.
+        desirable:   w_d * (1 - sigmoid(beta * (logratio - z0)))
+        undesirable: w_u * (1 - sigmoid(beta * (z0 - logratio)))
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        raise ValueError(f"beta must be a positive float, got {beta!r}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 3:
+        raise ValueError("hidden must have shape [N, T, D] (one row per unpaired sequence)")
+    n = hidden.shape[0]
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,) or labels.dtype != torch.bool:
+        raise ValueError(f"labels must be a bool tensor of shape [N]=[{n}] (True = desirable), got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} {list(getattr(labels, 'shape', []))}")
+    if (ref_hidden is None) == (ref_logps is None) or (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("KTO needs a reference: pass ref_logps [N] or ref_hidden/ref_weight (not both)")
+    logps, _ = _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, False)
+    if ref_hidden is not None:
+        ref = reference_logps(ref_hidden, ref_weight, targets, ref_bias=ref_bias, ignore_index=ignore_index,
+                              softcap=softcap, backend=backend)
+    else:
+        if tuple(ref_logps.shape) != (n,):
+            raise ValueError(f"ref_logps must have shape [N]=[{n}], got {list(ref_logps.shape)}")
+        ref = ref_logps.detach().to(logps)
+    # the reference-KL estimate (detached)
+    if kl_hidden is not None or ref_kl_hidden is not None:
+        if kl_hidden is None or ref_kl_hidden is None or kl_targets is None or kl_logps is not None:
+            raise ValueError("the fused KL estimate needs kl_hidden, ref_kl_hidden and kl_targets "
+                             "(and no kl_logps)")
+        with torch.no_grad():
+            kl_pol, _ = _sequence_logps(kl_hidden.detach(), weight.detach(), kl_targets,
+                                        None if bias is None else bias.detach(), ignore_index, softcap,
+                                        backend, False)
+        kl_ref = reference_logps(ref_kl_hidden, ref_weight, kl_targets, ref_bias=ref_bias,
+                                 ignore_index=ignore_index, softcap=softcap, backend=backend)
+        z0 = (kl_pol - kl_ref).mean().clamp(min=0)
+    elif kl_logps is not None or ref_kl_logps is not None:
+        if kl_logps is None or ref_kl_logps is None:
+            raise ValueError("kl_logps and ref_kl_logps must be given together")
+        z0 = (kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0).to(logps)
+    else:
+        z0 = logps.new_zeros(())
+    logratio = logps - ref
+    losses = torch.where(labels,
+                         desirable_weight * (1 - torch.sigmoid(beta * (logratio - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio))))
+    loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
+    with torch.no_grad():
+        rewards = beta * logratio
+
+        def masked_mean(x, m):
+            return (x * m).sum() / m.sum().clamp(min=1)
+        d, u = labels.to(logps.dtype), (~labels).to(logps.dtype)
+        metrics = {"rewards/chosen": masked_mean(rewards, d), "rewards/rejected": masked_mean(rewards, u),
+                   "rewards/margins": masked_mean(rewards, d) - masked_mean(rewards, u),
+                   "logps/chosen": masked_mean(logps, d), "logps/rejected": masked_mean(logps, u),
+                   "kl": z0.detach()}
+    return loss, metrics
