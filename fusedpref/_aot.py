@@ -48,8 +48,19 @@ def _specs(arch: int, dtype: torch.dtype):
     const = {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1, "BLOCK_M": mt.BLOCK_N, "BLOCK_N": mt.BLOCK_V,
              "BLOCK_K": mt.BLOCK_D, "GROUP_M": config.GROUP_M, "DOT_FP32": False}
     yield ("mm_acc", kernels.mm_acc_kernel, sig, const, mt.launch())
-    for extra in getattr(kernels, "AOT_EXTRA", lambda a, d, t: [])(arch, dtype, t):
-        yield extra
+    ref = {"rh_ptr": f"*{t}", "rw_ptr": f"*{t}", "rb_ptr": f"*{t}"}
+    rstrides = {"stride_rhn": "i32", "stride_rhd": "constexpr", "stride_rwv": "i32", "stride_rwd": "constexpr"}
+    kl_flags = {**flags, "HAS_REF_BIAS": True, "REF_DOT_FP32": False, "stride_rhd": 1, "stride_rwd": 1, **unit}
+    kt = cfg_kl = config.TILES[("kl_fwd", arch, dtype)]
+    sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "part_ptr": "*fp32", "N": "i32",
+           "V": "i32", "D": "i32", "RD": "i32", "v_per_split": "i32", "n_splits": "i32", **strides, **rstrides,
+           "softcap": "fp32"}
+    yield ("kl_fwd", kernels.kl_fwd_kernel, sig, {**kl_flags, **cfg_kl.constexprs()}, kt.launch())
+    kt = config.TILES[("kl_dz", arch, dtype)]
+    sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "lse_ptr": "*fp32", "rlse_ptr": "*fp32",
+           "g_ptr": "*fp32", "dz_ptr": f"*{t}", "N": "i32", "V": "i32", "D": "i32", "RD": "i32", "v_lo": "i32",
+           "n_cols": "i32", **strides, **rstrides, "stride_dzn": "i32", "softcap": "fp32"}
+    yield ("kl_dz", kernels.kl_dz_kernel, sig, {**kl_flags, **kt.constexprs()}, kt.launch())
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -75,7 +86,7 @@ def compile_one(job):
     name, fn, sig, const, launch = list(_specs(arch, dtype))[index]
     # What the JIT specializes on a real launch at LLM shapes: 16-byte aligned pointers, strides
     # and hidden sizes divisible by 16 (row counts and vocabulary sizes are left arbitrary).
-    aligned = {"D", "v_per_split", "v_lo"} | ({"N"} if name == "mm_acc" else set())
+    aligned = {"D", "RD", "v_per_split", "v_lo"} | ({"N"} if name == "mm_acc" else set())
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, ty in sig.items()
              if ty.startswith("*") or (ty != "constexpr" and (k.startswith("stride_") or k in aligned))}
     src = ASTSource(fn, sig, const, attrs)

@@ -97,3 +97,40 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
         return dz
 
     return head_backward(h, w, need_h, need_w, need_b, chunk_dz)
+
+
+def kl_forward(h, w, b, rh, rw, rb, softcap):
+    n = h.shape[0]
+    vocab = w.shape[0]
+    hf, rhf = h.float(), rh.float()
+    inf = torch.full((n,), float("-inf"), device=h.device)
+    m_z, l_z, m_r, l_r, a = inf, torch.zeros_like(inf), inf, torch.zeros_like(inf), torch.zeros_like(inf)
+    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32)):
+        z = chunk_logits(hf, w, b, softcap, v0, v1)
+        r = chunk_logits(rhf, rw, rb, softcap, v0, v1)
+        mz = torch.maximum(m_z, z.amax(1))
+        l_z = l_z * torch.exp(m_z - mz) + torch.exp(z - mz[:, None]).sum(1)
+        m_z = mz
+        mr = torch.maximum(m_r, r.amax(1))
+        alpha = torch.exp(m_r - mr)
+        pr = torch.exp(r - mr[:, None])
+        l_r = l_r * alpha + pr.sum(1)
+        a = a * alpha + (pr * (r - z)).sum(1)
+        m_r = mr
+    lse, rlse = m_z + torch.log(l_z), m_r + torch.log(l_r)
+    return a / l_r - rlse + lse, lse, rlse
+
+
+def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b):
+    g = g.float()
+    rhf = rh.float()
+
+    def chunk_dz(hf, v0, v1):
+        z = chunk_logits(hf, w, b, softcap, v0, v1)
+        r = chunk_logits(rhf, rw, rb, softcap, v0, v1)
+        dz = (torch.exp(z - lse[:, None]) - torch.exp(r - rlse[:, None])) * g[:, None]
+        if softcap is not None:
+            dz *= 1.0 - (z / softcap) ** 2
+        return dz
+
+    return head_backward(h, w, need_h, need_w, need_b, chunk_dz)

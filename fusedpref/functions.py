@@ -94,3 +94,64 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, so
     """
     logp, _ = LinearLogProbs.apply(hidden, weight, targets, bias, ignore_index, softcap, backend, False)
     return logp
+
+
+class LinearKL(torch.autograd.Function):
+    """Per-token KL(p_ref || p_theta) over the full vocabulary between two linear heads.
+
+    apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
+    backend) -> float32 [*targets.shape]; targets only mark the rows that count (0 elsewhere).
+    Gradients flow to the policy (hidden, weight, bias) only.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
+                ignore_index=-100, softcap=None, backend="auto"):
+        check_head(hidden, weight, bias)
+        check_head(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"))
+        if ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}: "
+                             "the two heads must share the vocabulary")
+        if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+            raise ValueError(f"ref_hidden leading dims {list(ref_hidden.shape[:-1])} must equal hidden's "
+                             f"{list(hidden.shape[:-1])}")
+        if ref_hidden.device != hidden.device:
+            raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+        check_targets(hidden, targets, weight.shape[0], ignore_index)
+        softcap = check_softcap(softcap)
+        impl = _backend_module(resolve_backend(backend, hidden.device))
+        n = targets.numel()
+        idx, _ = _compact(targets, ignore_index)
+        kl = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        rh = _rows(ref_hidden.detach(), idx)
+        rw = ref_weight.detach()
+        rb = None if ref_bias is None else ref_bias.detach()
+        lse = rlse = kl.new_empty(0)
+        if idx.numel():
+            kl_v, lse, rlse = impl.kl_forward(_rows(hidden, idx), weight, bias, rh, rw, rb, softcap)
+            kl.index_copy_(0, idx, kl_v)
+        ctx.impl, ctx.softcap, ctx.n = impl, softcap, n
+        if any(ctx.needs_input_grad[i] for i in (0, 1, 5)):
+            ctx.save_for_backward(hidden, weight, bias, rh, rw, rb, idx, lse, rlse)
+        return kl.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hidden, weight, bias, rh, rw, rb, idx, lse, rlse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5]
+        nones = (None,) * 4
+        if idx.numel() == 0:
+            return ((torch.zeros_like(hidden) if need_h else None), (torch.zeros_like(weight) if need_w else None),
+                    None, None, None, (torch.zeros_like(bias) if need_b else None)) + nones
+        g = grad_kl.reshape(-1).index_select(0, idx)
+        dh_v, dw, db = ctx.impl.kl_backward(_rows(hidden, idx), weight, bias, rh, rw, rb, lse, rlse, g,
+                                            ctx.softcap, need_h, need_w, need_b)
+        dh = _scatter_rows(dh_v, idx, ctx.n).view(hidden.shape) if need_h else None
+        return (dh, dw, None, None, None, (db.to(bias.dtype) if need_b else None)) + nones
+
+
+def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
+              ignore_index=-100, softcap=None, backend="auto"):
+    """Per-token KL(p_ref || p_theta) [targets.shape] float32; 0 where targets == ignore_index."""
+    return LinearKL.apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
+                          softcap, backend)

@@ -10,7 +10,7 @@ import triton
 
 from . import config
 from ._chunks import vocab_chunk_cols, vocab_chunks
-from .kernels import logprob_dz_kernel, logprob_fwd_kernel, mm_acc_kernel
+from .kernels import kl_dz_kernel, kl_fwd_kernel, logprob_dz_kernel, logprob_fwd_kernel, mm_acc_kernel
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -131,5 +131,67 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
                 DOT_FP32=_dot_fp32(h.dtype), **tiles.constexprs(), **tiles.launch(),
             )
         run(_tiles("dz", h, (triton.next_power_of_2(n), v1 - v0, d), run))
+
+    return chunked_head_backward(h, w, need_h, need_w, need_b, fill)
+
+
+def _splits(n, vocab, tiles, device):
+    """(grid rows, vocabulary per split, number of splits): ~2 programs per SM."""
+    n_blocks = triton.cdiv(n, tiles.BLOCK_N)
+    v_tiles = triton.cdiv(vocab, tiles.BLOCK_V)
+    splits = min(v_tiles, max(1, triton.cdiv(2 * config.num_sms(device), n_blocks)))
+    v_per_split = triton.cdiv(v_tiles, splits) * tiles.BLOCK_V
+    return n_blocks, v_per_split, triton.cdiv(vocab, v_per_split)
+
+
+def _lse(m, l):
+    big = m.amax(0)
+    scale = torch.exp(m - big)
+    total = (l * scale).sum(0)
+    return big + torch.log(total), scale, total
+
+
+def kl_forward(h, w, b, rh, rw, rb, softcap):
+    """Per-row KL(p_ref || p_theta) [Nv] and both log-sum-exps (fp32) for compacted rows."""
+    n, d = h.shape
+    vocab = w.shape[0]
+    tiles = config.tiles("kl_fwd", h.device, h.dtype)
+    n_blocks, v_per_split, splits = _splits(n, vocab, tiles, h.device)
+    part = config.empty((5, splits, n), torch.float32, h.device)
+    kl_fwd_kernel[(n_blocks, splits)](
+        h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh, part,
+        n, vocab, d, rh.shape[1], v_per_split, splits,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1),
+        rh.stride(0), rh.stride(1), rw.stride(0), rw.stride(1),
+        softcap if softcap is not None else 1.0,
+        HAS_BIAS=b is not None, HAS_REF_BIAS=rb is not None, HAS_SOFTCAP=softcap is not None,
+        DOT_FP32=_dot_fp32(h.dtype), REF_DOT_FP32=_dot_fp32(rh.dtype),
+        **tiles.constexprs(), **tiles.launch(),
+    )
+    lse, _, _ = _lse(part[0], part[1])
+    rlse, rscale, rtotal = _lse(part[2], part[3])
+    kl = (part[4] * rscale).sum(0) / rtotal - rlse + lse
+    return kl, lse, rlse
+
+
+def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b):
+    """Gradients of sum_i g_i * KL_i w.r.t. the policy's h, w, b."""
+    n, d = h.shape
+    vocab = w.shape[0]
+    g = g.float().contiguous()
+    tiles = config.tiles("kl_dz", h.device, h.dtype)
+
+    def fill(dzc, v0, v1):
+        grid = (triton.cdiv(n, tiles.BLOCK_N), triton.cdiv(v1 - v0, tiles.BLOCK_V))
+        kl_dz_kernel[grid](
+            h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh, lse, rlse, g, dzc,
+            n, vocab, d, rh.shape[1], v0, v1 - v0,
+            h.stride(0), h.stride(1), w.stride(0), w.stride(1),
+            rh.stride(0), rh.stride(1), rw.stride(0), rw.stride(1), dzc.stride(0),
+            softcap if softcap is not None else 1.0,
+            HAS_BIAS=b is not None, HAS_REF_BIAS=rb is not None, HAS_SOFTCAP=softcap is not None,
+            DOT_FP32=_dot_fp32(h.dtype), REF_DOT_FP32=_dot_fp32(rh.dtype),
+            **tiles.constexprs(), **tiles.launch(),
+        )
 
     return chunked_head_backward(h, w, need_h, need_w, need_b, fill)

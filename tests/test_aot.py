@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-EXPECTED_KERNELS = {"logprob_fwd", "logprob_fwd_stats", "logprob_dz", "mm_acc"}
+EXPECTED_KERNELS = {"logprob_fwd", "logprob_fwd_stats", "logprob_dz", "mm_acc", "kl_fwd", "kl_dz"}
 
 
 @pytest.fixture(scope="module")
