@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .functions import LinearLogProbs
+from .functions import LinearKL, LinearLogProbs
 from .losses import LOSSES, Pairs, check_loss_args
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -75,10 +75,20 @@ def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, b
                              f"{getattr(ref_logps, 'shape', type(ref_logps).__name__)}")
         ref = ref_logps.detach().to(device=logps.device, dtype=logps.dtype)
 
-    pairs = Pairs(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
-                  lengths[:b], lengths[b:], float(beta), float(label_smoothing), params)
+    # 3. EXPO's exact vocabulary KL(p_ref || p_theta) per token, summed per sequence
+    kl = None
+    if any(LOSSES[t].fn is LOSSES["expo"].fn for t in types) and params.get("expo_kl") == "vocab":
+        if not has_fused_ref:
+            raise ValueError("loss_type 'expo' with expo_kl='vocab' needs ref_hidden/ref_weight (the exact "
+                             "KL runs over the reference head's vocabulary); use expo_kl='sequence' with ref_logps")
+        kl = LinearKL.apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
+                            softcap, backend).sum(-1)
 
-    # 3. the loss on [B] tensors
+    pairs = Pairs(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
+                  lengths[:b], lengths[b:], float(beta), float(label_smoothing), params,
+                  None if kl is None else kl[:b], None if kl is None else kl[b:])
+
+    # 4. the loss on [B] tensors
     losses = sum(w * LOSSES[t].fn(pairs) for t, w in zip(types, weights))
     loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
     return loss, _metrics(pairs, LOSSES[types[0]].rewards, stats, mask, weight.shape[0], b)

@@ -25,6 +25,8 @@ class Pairs:
     beta: float
     label_smoothing: float = 0.0
     params: dict = field(default_factory=dict)   # loss-specific (discopop_tau, gamma, alpha, ...)
+    kl_chosen: torch.Tensor | None = None     # exact vocabulary KL(p_ref || p_theta) summed over
+    kl_rejected: torch.Tensor | None = None   # each sequence's tokens [B] (EXPO, expo_kl="vocab")
 
     # The log-ratios of TRL's DPO losses (policy minus reference)
     @property
@@ -183,6 +185,36 @@ def orpo(p: Pairs):
     return -p.beta * F.logsigmoid(log_odds) + p.nll()
 
 
+# ---- EXPO / TYPO (Hu, He, Wipf: arXiv 2407.09072, 2506.07492) -----------------------------
+
+EXPO_PARAMS = {"average_log_prob": False, "expo_kl_on": "both", "expo_kl": "vocab"}
+
+
+def expo(p: Pairs):
+    """softplus(-(log pi(y_w) - log pi(y_l)))  +  beta * KL(pi_ref || pi_theta).
+
+    The supervised Bradley-Terry term uses the policy's own log-probabilities (no reference);
+    beta is the paper's lambda. The KL term per sequence is either the exact vocabulary KL summed
+    over its tokens (expo_kl="vocab") or the sample estimate log pi_ref(y) - log pi_theta(y)
+    (expo_kl="sequence", valid when y is drawn from the reference). It is averaged over the
+    sequences named by expo_kl_on; per pair, "both" contributes the mean of its two sequences.
+    """
+    avg = p.params["average_log_prob"]
+    c, r = (p.chosen_avg, p.rejected_avg) if avg else (p.chosen, p.rejected)
+    sup = F.softplus(-(c - r))
+    if p.params["expo_kl"] == "vocab":
+        kc, kr = p.kl_chosen, p.kl_rejected
+    else:
+        kc, kr = p.ref_chosen - p.chosen, p.ref_rejected - p.rejected
+    on = p.params["expo_kl_on"]
+    kl = kc if on == "chosen" else kr if on == "rejected" else 0.5 * (kc + kr)
+    return sup + p.beta * kl
+
+
+LOSSES["expo"] = LossSpec(expo, True, dict(EXPO_PARAMS), "sum")
+LOSSES["typo"] = LOSSES["expo"]
+
+
 def check_loss_args(loss_types, loss_weights, label_smoothing, beta, extra: dict):
     """Validates the loss configuration; returns (types, weights, params)."""
     types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
@@ -211,6 +243,10 @@ def check_loss_args(loss_types, loss_weights, label_smoothing, beta, extra: dict
         raise TypeError(f"unexpected loss parameter(s) {sorted(unknown)} for loss_type {types}; "
                         f"accepted: {sorted(known) or 'none'}")
     params = {**known, **extra}
+    if params.get("expo_kl_on", "both") not in ("both", "chosen", "rejected"):
+        raise ValueError(f"expo_kl_on must be 'both', 'chosen' or 'rejected', got {params['expo_kl_on']!r}")
+    if params.get("expo_kl", "vocab") not in ("vocab", "sequence"):
+        raise ValueError(f"expo_kl must be 'vocab' or 'sequence', got {params['expo_kl']!r}")
     if "discopop_tau" in params and not params["discopop_tau"] > 0:
         raise ValueError(f"discopop_tau must be > 0, got {params['discopop_tau']}")
     return types, weights, params
