@@ -1,6 +1,6 @@
 """Run in a subprocess by test_memory.py: peak-RSS increase of one forward+backward.
 
-usage: python memory_probe.py {eager|fused} N D V
+usage: python memory_probe.py {eager|fused|eager_kl|fused_kl} N D V
 Prints JSON {"raise_mb": ...}. MALLOC_MMAP_THRESHOLD_ must be set by the caller so that freed
 large blocks go back to the OS and the peak tracks live memory.
 """
@@ -11,7 +11,7 @@ import sys
 import torch
 
 import fusedpref
-from fusedpref.reference import eager_logprobs
+from fusedpref.reference import eager_kl, eager_logprobs
 
 
 def rss_peak_mb():
@@ -30,11 +30,16 @@ def main():
     small = fusedpref.linear_logprobs(h[:4], w[:64], y[:4] % 64, backend="torch")
     small.sum().backward()
     h.grad = w.grad = None
+    rh, rw = torch.randn(n, d), torch.randn(v, d) * 0.05
     base = rss_peak_mb()
     if mode == "eager":
         out = eager_logprobs(h, w, y)
-    else:
+    elif mode == "fused":
         out = fusedpref.linear_logprobs(h, w, y, backend="torch")
+    elif mode == "eager_kl":
+        out = eager_kl(h, w, rh, rw, y)
+    else:
+        out = fusedpref.linear_kl(h, w, rh, rw, y, backend="torch")
     out.backward(g)
     print(json.dumps({"raise_mb": rss_peak_mb() - base, "base_mb": base,
                       "grad_mb": (h.grad.numel() + w.grad.numel()) * 4 / 2**20}))

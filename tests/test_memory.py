@@ -21,11 +21,13 @@ def _raise_mb(mode):
 
 
 @pytest.mark.slow
-def test_peak_memory_far_below_eager():
-    eager = _raise_mb("eager")
-    fused = _raise_mb("fused")
+@pytest.mark.parametrize("kind", ["logprobs", "kl"])
+def test_peak_memory_far_below_eager(kind):
+    suffix = "" if kind == "logprobs" else "_kl"
+    eager = _raise_mb("eager" + suffix)
+    fused = _raise_mb("fused" + suffix)
     logits_mb = N * V * 4 / 2**20
-    print(f"\npeak RSS raise: eager {eager['raise_mb']:.0f} MB, fused {fused['raise_mb']:.0f} MB "
+    print(f"\n{kind} peak RSS raise: eager {eager['raise_mb']:.0f} MB, fused {fused['raise_mb']:.0f} MB "
           f"(logits alone {logits_mb:.0f} MB, grads {fused['grad_mb']:.0f} MB)")
     assert eager["raise_mb"] >= logits_mb  # the eager path really holds the logits
     assert fused["raise_mb"] < eager["raise_mb"] / 10, (eager, fused)
