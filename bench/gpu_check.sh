@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check (shared GUIDE.md section 5). Run once through the device tool when a GPU is lent:
-#   bash bench/gpu_check.sh          (writes logs and CSV under $OUT; must finish in < 8 min)
+#   bash bench/gpu_check.sh          (writes logs, CSV and PNG under $OUT; must finish in < 8 min)
 # It installs this checkout offline over the machine's own torch + Triton, runs the test suite
-# compiled on the GPU (interpreter off, bf16 included), then the first fused-vs-eager table at
-# the Llama-3-8B head shape (D=4096, V=128256, N=16384, bf16).
+# compiled on the GPU (interpreter off, bf16 included), then the benchmark: the core table at
+# the Llama-3-8B head shape (D=4096, V=128256, N=16384 all valid, bf16) and the default
+# `fusedpref bench` sweep (8 pairs x 1024 tokens, half prompt). Liger / CCE wheels carried in
+# .wheels/ (pip download --no-deps here) are installed offline when present.
 set -uo pipefail
 OUT="${OUT:-$(pwd)/out}"
 mkdir -p "$OUT"
@@ -16,14 +18,20 @@ export TRITON_DEFAULT_FP_FUSION=1
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } > "$OUT/env.txt" 2>&1
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+if ls .wheels/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-deps --no-index .wheels/*.whl >> "$OUT/install.log" 2>&1 || true
+fi
 
 status=0
 # 1. the suite on the GPU (kernels compiled for real; AOT and CPU-memory tests included)
 timeout 300 "$PY" -m pytest -q -x tests -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
     > "$OUT/pytest.log" 2>&1 || status=1
 tail -n 30 "$OUT/pytest.log"
-# 2. the first benchmark table (fused triton vs eager PyTorch)
-timeout 150 "$PY" -m fusedpref.bench --n 16384 --d 4096 --v 128256 --dtype bfloat16 \
-    --csv "$OUT/bench_core.csv" > "$OUT/bench_core.txt" 2>&1 || status=1
+# 2. the core table: N = 8 x 2048 = 16384 tokens, all valid
+timeout 120 "$PY" -m fusedpref.cli bench --pairs 4 --seq 2048 --prompt-frac 0 --no-sweep \
+    --providers eager,fused-triton,liger,cce --out "$OUT" --tag core > "$OUT/bench_core.txt" 2>&1 || status=1
 cat "$OUT/bench_core.txt"
+# 3. the default bench (sweep + PNG)
+timeout 150 "$PY" -m fusedpref.cli bench --out "$OUT" > "$OUT/bench_default.txt" 2>&1 || status=1
+cat "$OUT/bench_default.txt"
 exit $status

@@ -1,188 +1,399 @@
-"""Benchmark of the fused linear log-prob primitive against eager PyTorch (full logits).
+"""`fusedpref bench`: fused preference loss forward+backward against the alternatives.
 
-    python -m fusedpref.bench [--n 16384 --d 4096 --v 128256 --dtype bfloat16] [--csv FILE]
+Providers (each computes the same policy loss on the same inputs; the reference log-probs are
+precomputed, as TRL's precompute_ref_log_probs does):
+  eager         full logits in the input dtype, log_softmax in fp32, gather (TRL's way)
+  compile       torch.compile of the eager loss (GPU only)
+  fused-torch   fusedpref, chunked PyTorch backend
+  fused-triton  fusedpref, Triton kernels (GPU only)
+  liger         Liger-Kernel's LigerFusedLinearDPOLoss (sigmoid loss only; when importable, GPU)
+  cce           Cut Cross-Entropy linear_cross_entropy(reduction="none") summed per sequence
+                (when importable, GPU)
 
-On CUDA: triton.testing.do_bench, peak memory from torch.cuda.max_memory_allocated. On the CPU:
-median wall time of a few repeats (peak memory is not measured in-process there; see
-tests/test_memory.py). Errors are against the float64 oracle at a small shape.
+On CUDA: triton.testing.do_bench and torch.cuda.max_memory_allocated. On the CPU every
+measurement runs in a fresh subprocess: median wall time of a few repeats, and the peak-RSS raise
+(MALLOC_MMAP_THRESHOLD_ set so freed blocks return to the OS). peak_mb is the peak memory above
+inputs and weights during forward+backward; extra_mb subtracts the gradients (which every
+provider must produce). On the CPU extra_mb is within allocator noise of 0 for small fused runs.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import datetime
+import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
 
-import fusedpref
-from fusedpref.reference import as_float64, eager_logprobs
-
-PROVIDERS = ("eager", "fused")
+ALL_PROVIDERS = ("eager", "compile", "fused-torch", "fused-triton", "liger", "cce")
 
 
-def _commit():
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
+# ----------------------------------------------------------------------------- inputs
+
+def make_inputs(pairs, seq, d, v, dtype, device, prompt_frac=0.5, seed=0):
+    """hidden [2B, T, D], weight [V, D], targets [2B, T] (first prompt_frac of each row ignored),
+    precomputed reference log-probs [2B], upstream grad scale."""
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * pairs
+    hidden = torch.randn(n, seq, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) * (1.0 / d ** 0.5)).to(dtype)
+    targets = torch.randint(0, v, (n, seq), generator=g)
+    targets[:, : int(seq * prompt_frac)] = -100
+    ref_logps = -torch.rand(n, generator=g) * seq * 2
+    return [t.to(device) for t in (hidden, weight, targets, ref_logps)]
 
 
-def _timer(device):
+def flop_count(targets, d, v):
+    """8 * N_valid * D * V: forward, recompute, dW and dH matmuls of a trainable head."""
+    return 8 * int((targets != -100).sum()) * d * v
+
+
+# ----------------------------------------------------------------------------- providers
+
+def _pair_loss(seq_logps, ref_logps, loss_type, beta):
+    from .losses import LOSSES, Pairs
+
+    b = seq_logps.shape[0] // 2
+    ones = torch.ones(b, device=seq_logps.device)
+    p = Pairs(seq_logps[:b], seq_logps[b:], ref_logps[:b], ref_logps[b:], ones, ones, beta, 0.0,
+              dict(LOSSES[loss_type].params))
+    return LOSSES[loss_type].fn(p).mean()
+
+
+def _eager_loss(hidden, weight, targets, ref_logps, loss_type, beta):
+    from .reference import eager_logprobs
+
+    return _pair_loss(eager_logprobs(hidden, weight, targets).sum(-1), ref_logps, loss_type, beta)
+
+
+def available(provider, device):
+    if provider in ("compile", "fused-triton", "liger", "cce") and device.type != "cuda":
+        return False
+    if provider == "liger":
+        try:
+            import liger_kernel.chunked_loss  # noqa: F401
+        except Exception:
+            return False
+    if provider == "cce":
+        try:
+            import cut_cross_entropy  # noqa: F401
+        except Exception:
+            return False
+    return True
+
+
+def loss_fn(provider, loss_type, beta):
+    """A callable (hidden, weight, targets, ref_logps) -> scalar loss."""
+    import fusedpref
+
+    if provider == "eager":
+        return lambda h, w, y, r: _eager_loss(h, w, y, r, loss_type, beta)
+    if provider == "compile":
+        compiled = torch.compile(_eager_loss, dynamic=False)
+        return lambda h, w, y, r: compiled(h, w, y, r, loss_type, beta)
+    if provider in ("fused-torch", "fused-triton"):
+        backend = provider.split("-")[1]
+        return lambda h, w, y, r: fusedpref.preference_loss(h, w, y, loss_type=loss_type, beta=beta,
+                                                            ref_logps=r, backend=backend)[0]
+    if provider == "liger":
+        if loss_type != "sigmoid":
+            raise ValueError("the liger provider is benchmarked with loss_type='sigmoid' only")
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        mod = LigerFusedLinearDPOLoss(beta=beta, use_ref_model=False)
+
+        def liger(h, w, y, r):
+            b = h.shape[0] // 2
+            out = mod(w, h, y, ref_chosen_logps=r[:b], ref_rejected_logps=r[b:])
+            return out[0] if isinstance(out, tuple) else out
+        return liger
+    if provider == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def cce(h, w, y, r):
+            nll = linear_cross_entropy(h, w, y, reduction="none", ignore_index=-100)
+            return _pair_loss(-nll.float().sum(-1), r, loss_type, beta)
+        return cce
+    raise ValueError(f"unknown provider {provider!r}; choose from {ALL_PROVIDERS}")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _median_ms(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(provider, shape, dtype, device, loss_type, beta, reps, frozen=False, prompt_frac=0.5):
+    """fwd/bwd/total ms and extra memory (MB) of one provider at one shape (in this process)."""
+    h, w, y, r = make_inputs(*shape, dtype, device, prompt_frac)
+    h.requires_grad_()
+    w.requires_grad_(not frozen)
+    fn = loss_fn(provider, loss_type, beta)
+    grads_mb = (h.numel() * h.element_size() + (0 if frozen else w.numel() * w.element_size())) / 2**20
+
+    def fwd():
+        return fn(h, w, y, r)
+
+    def fwd_bwd():
+        h.grad = w.grad = None
+        fwd().backward()
+
     if device.type == "cuda":
         import triton.testing
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)
+        t_fwd = triton.testing.do_bench(fwd, warmup=10, rep=max(50, 20 * reps))
+        t_all = triton.testing.do_bench(fwd_bwd, warmup=10, rep=max(50, 20 * reps))
+        h.grad = w.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        import resource
 
-    def cpu(fn, reps=3):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    return cpu
+        # a fresh process: the first pass is the memory measurement (a warm-up would leave its own
+        # peak behind, since ru_maxrss only grows)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        fwd_bwd()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        t_fwd = _median_ms(lambda: fwd().detach(), reps)
+        t_all = _median_ms(fwd_bwd, reps)
+    return {"n_valid": int((y != -100).sum()), "fwd_ms": t_fwd, "bwd_ms": t_all - t_fwd, "fwd_bwd_ms": t_all, "peak_mb": peak,
+            "extra_mb": peak - grads_mb,
+            "flops": flop_count(y, shape[2], shape[3]) * (0.75 if frozen else 1.0)}
 
 
-def _fn(provider, backend):
-    if provider == "eager":
-        return lambda h, w, y: eager_logprobs(h, w, y)
-    return lambda h, w, y: fusedpref.linear_logprobs(h, w, y, backend=backend)
+def measure_isolated(provider, shape, dtype, device, loss_type, beta, reps, frozen, prompt_frac):
+    """On the CPU: measure in a fresh subprocess so that peak RSS belongs to this measurement."""
+    if device.type == "cuda":
+        try:
+            return measure(provider, shape, dtype, device, loss_type, beta, reps, frozen, prompt_frac)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return {"status": "OOM"}
+    args = json.dumps([provider, list(shape), str(dtype).split(".")[1], loss_type, beta, reps, frozen, prompt_frac])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    proc = subprocess.run([sys.executable, "-m", "fusedpref.bench", "--_probe", args], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        return {"status": "error: " + proc.stderr.strip().splitlines()[-1][:120]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _probe(args):
+    provider, shape, dtype, loss_type, beta, reps, frozen, prompt_frac = json.loads(args)
+    torch.manual_seed(0)
+    out = measure(provider, tuple(shape), getattr(torch, dtype), torch.device("cpu"), loss_type, beta,
+                  reps, frozen, prompt_frac)
+    print(json.dumps(out))
+
+
+def errors(provider, dtype, device, loss_type, beta):
+    """max |error| of loss, dH, dW against the float64 eager loss at a small shape."""
+    shape = (2, 64, 128, 1000)
+    h0, w0, y, r = make_inputs(*shape, dtype, device, seed=1)
+    fn = loss_fn(provider, loss_type, beta)
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    loss = fn(h, w, y, r)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    ho, wo = h0.double().requires_grad_(), w0.double().requires_grad_()
+    ref = _eager_loss(ho, wo, y, r.double(), loss_type, beta)
+    rdh, rdw = torch.autograd.grad(ref, (ho, wo))
+    return [abs(loss.item() - ref.item()), (dh.double() - rdh).abs().max().item(),
+            (dw.double() - rdw).abs().max().item()]
 
 
 def matmul_tflops(device, dtype):
-    """The machine's measured dense matmul rate in this dtype (8192^3, or 2048^3 on the CPU)."""
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = _timer(device)(lambda: a @ b)
+    if device.type == "cuda":
+        import triton.testing
+
+        ms = triton.testing.do_bench(lambda: a @ b)
+    else:
+        ms = _median_ms(lambda: a @ b, 3)
     return 2 * n ** 3 / ms / 1e9
 
 
-def errors(provider, backend, device, dtype):
-    """max |err| of logp, dH, dW against the float64 oracle at a small shape."""
-    g = torch.Generator().manual_seed(0)
-    n, d, v = 256, 512, 4096
-    h0 = torch.randn(n, d, generator=g).to(dtype).to(device)
-    w0 = (torch.randn(v, d, generator=g) * 0.05).to(dtype).to(device)
-    y = torch.randint(0, v, (n,), generator=g).to(device)
-    gr = torch.randn(n, generator=g).to(device)
-    h, w = (t.clone().requires_grad_() for t in (h0, w0))
-    out = _fn(provider, backend)(h, w, y)
-    out.backward(gr)
-    ho, wo = as_float64(h0.requires_grad_(), w0.requires_grad_())
-    ref = eager_logprobs(ho, wo, y)
-    ref.backward(gr.double())
-    return [(a.double() - b).abs().max().item() for a, b in ((out, ref), (h.grad, ho.grad), (w.grad, wo.grad))]
+# ----------------------------------------------------------------------------- reporting
 
-
-def run(n, d, v, dtype, device, ignore_frac=0.0, providers=PROVIDERS):
-    backend = "triton" if device.type == "cuda" else "torch"
-    timer = _timer(device)
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(n, d, generator=g).to(dtype).to(device).requires_grad_()
-    w = (torch.randn(v, d, generator=g) * 0.02).to(dtype).to(device).requires_grad_()
-    y = torch.randint(0, v, (n,), generator=g)
-    y[torch.rand(n, generator=g) < ignore_frac] = -100
-    y = y.to(device)
-    gr = torch.randn(n, generator=g).to(device)
-    nv = int((y != -100).sum())
-    flops = 8 * nv * d * v
-    peak = matmul_tflops(device, dtype)
-    rows = []
-    for provider in providers:
-        f = _fn(provider, backend)
-
-        def fwd():
-            return f(h, w, y)
-
-        def fwd_bwd():
-            h.grad = w.grad = None
-            fwd().backward(gr)
-
-        try:
-            t_fwd = timer(fwd)
-            t_all = timer(fwd_bwd)
-            mem = float("nan")
-            if device.type == "cuda":
-                h.grad = w.grad = None
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                fwd_bwd()
-                torch.cuda.synchronize()
-                grads = h.grad.numel() * h.grad.element_size() + w.grad.numel() * w.grad.element_size()
-                mem = (torch.cuda.max_memory_allocated() - base - grads) / 2**20
-            err = errors(provider, backend, device, dtype)
-            status = "ok"
-        except torch.OutOfMemoryError:
-            t_fwd = t_all = mem = float("nan")
-            err = [float("nan")] * 3
-            status = "OOM"
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-        rows.append({
-            "provider": provider if provider == "eager" else f"fused-{backend}",
-            "fwd_ms": t_fwd, "bwd_ms": t_all - t_fwd, "fwd_bwd_ms": t_all,
-            "extra_mem_mb": mem, "tflops": flops / t_all / 1e9 if t_all == t_all else float("nan"),
-            "matmul_peak_tflops": peak, "ideal_ratio": (t_all / (flops / peak / 1e9)) if t_all == t_all else float("nan"),
-            "err_logp": err[0], "err_dh": err[1], "err_dw": err[2], "status": status,
-        })
-    meta = {"date": datetime.date.today().isoformat(), "commit": _commit(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "triton": _triton_version(), "n": n, "n_valid": nv, "d": d,
-            "v": v, "dtype": str(dtype).split(".")[1]}
-    return [{**meta, **r} for r in rows]
-
-
-def _triton_version():
+def _meta(device, dtype):
     try:
         import triton
 
-        return triton.__version__
+        tv = triton.__version__
     except Exception:
-        return "none"
+        tv = "none"
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        commit = "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}"
+    return {"date": datetime.date.today().isoformat(), "commit": commit, "device": name,
+            "torch": torch.__version__, "triton": tv, "dtype": str(dtype).split(".")[1]}
 
 
-def print_table(rows):
-    cols = ["provider", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "extra_mem_mb", "tflops", "ideal_ratio",
-            "err_logp", "err_dh", "err_dw", "status"]
-    r0 = rows[0]
-    print(f"# {r0['date']} {r0['device']} commit {r0['commit']} torch {r0['torch']} triton {r0['triton']}")
-    print(f"# N={r0['n']} (valid {r0['n_valid']}) D={r0['d']} V={r0['v']} {r0['dtype']}; "
-          f"matmul peak {r0['matmul_peak_tflops']:.1f} TFLOP/s; ideal_ratio = time / (8*Nv*D*V at peak)")
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+def _fmt(x):
+    if isinstance(x, float):
+        return "nan" if x != x else f"{x:.3g}" if abs(x) < 1e-2 or abs(x) >= 1e4 else f"{x:.4g}"
+    return str(x)
+
+
+TABLE_COLS = ["provider", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "extra_mb", "tflops", "pct_of_peak",
+              "err_loss", "err_dh", "err_dw", "status"]
+
+
+def print_table(rows, meta, shape, peak):
+    pairs, seq, d, v = shape
+    print(f"# {meta['date']}  {meta['device']}  commit {meta['commit']}  torch {meta['torch']}  "
+          f"triton {meta['triton']}")
+    print(f"# {pairs} pairs x {seq} tokens ({rows[0]['n_valid'] if rows else '?'} valid), D={d}, V={v}, {meta['dtype']}; "
+          f"measured matmul peak {peak:.3g} TFLOP/s; TFLOP/s counts 8*N_valid*D*V")
+    print("| " + " | ".join(TABLE_COLS) + " |")
+    print("|" + "---|" * len(TABLE_COLS))
     for r in rows:
-        print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(_fmt(r.get(c, "")) for c in TABLE_COLS) + " |")
+
+
+def plot(sweep_rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for prov in sorted({r["provider"] for r in sweep_rows}):
+        mem = sorted((r["v"], r["peak_mb"]) for r in sweep_rows if r["provider"] == prov and r["sweep"] == "vocab"
+                     and "peak_mb" in r)
+        tim = sorted((r["tokens"], r["fwd_bwd_ms"]) for r in sweep_rows if r["provider"] == prov
+                     and r["sweep"] == "tokens" and "fwd_bwd_ms" in r)
+        if mem:
+            a.plot(*zip(*mem), marker="o", label=prov)
+        if tim:
+            b.plot(*zip(*tim), marker="o", label=prov)
+    a.set(xlabel="vocabulary size V", ylabel="peak memory above inputs (MB)", title="memory vs vocabulary")
+    b.set(xlabel="tokens (2B x T)", ylabel="forward+backward (ms)", title="time vs tokens")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="fusedpref bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=8 if cuda else 4)
+    p.add_argument("--seq", type=int, default=1024 if cuda else 128)
+    p.add_argument("--d", type=int, default=4096 if cuda else 256)
+    p.add_argument("--v", type=int, default=128256 if cuda else 32000)
+    p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--prompt-frac", type=float, default=0.5, help="leading fraction of each sequence ignored")
+    p.add_argument("--loss-type", default="sigmoid")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--frozen", action="store_true", help="frozen LM head (no dW), the LoRA case")
+    p.add_argument("--providers", default=",".join(ALL_PROVIDERS),
+                   help="comma-separated subset of " + ",".join(ALL_PROVIDERS) + " (unavailable ones are skipped)")
+    p.add_argument("--repeats", type=int, default=2 if not cuda else 5)
+    p.add_argument("--no-sweep", action="store_true", help="skip the memory-vs-V and time-vs-tokens sweep")
+    p.add_argument("--out", default=os.path.join("bench", "results"))
+    p.add_argument("--tag", default=None, help="file name tag (default: the device)")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, a.dtype)
+    wanted = [x.strip() for x in a.providers.split(",") if x.strip()]
+    for x in wanted:
+        if x not in ALL_PROVIDERS:
+            p.error(f"unknown provider {x!r}; choose from {', '.join(ALL_PROVIDERS)}")
+    providers = [x for x in wanted if available(x, device)]
+    skipped = [x for x in wanted if x not in providers]
+    shape = (a.pairs, a.seq, a.d, a.v)
+    meta = _meta(device, dtype)
+    peak = matmul_tflops(device, dtype)
+
+    # sweep shapes: vocabulary sizes (memory) and token counts (time), around the default
+    sweep = []
+    if not a.no_sweep:
+        sweep += [("vocab", (a.pairs, a.seq, a.d, v)) for v in (a.v // 4, a.v // 2, a.v)]
+        sweep += [("tokens", shape)]
+        sweep += [("tokens", (max(1, a.pairs // 4) if cuda else 1, a.seq, a.d, a.v)),
+                  ("tokens", (max(1, a.pairs // 2), a.seq, a.d, a.v))]
+    jobs = [("table", prov, shape) for prov in providers] + [(kind, prov, s) for kind, s in sweep
+                                                             for prov in providers]
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the progress bar is a dev extra
+        def tqdm(x, **_):
+            return x
+    rows, sweep_rows, cache = [], [], {}
+    for kind, prov, s in tqdm(jobs, desc="fusedpref bench", unit="run", file=sys.stderr):
+        key = (prov, s)
+        if key not in cache:
+            cache[key] = measure_isolated(prov, s, dtype, device, a.loss_type, a.beta,
+                                          a.repeats if kind == "table" else 1, a.frozen, a.prompt_frac)
+        res = dict(cache[key])
+        res.setdefault("status", "ok")
+        if "fwd_bwd_ms" in res:
+            res["tflops"] = res["flops"] / res["fwd_bwd_ms"] / 1e9
+            res["pct_of_peak"] = 100 * res["tflops"] / peak
+        row = {**meta, "provider": prov, "pairs": s[0], "seq": s[1], "tokens": 2 * s[0] * s[1], "d": s[2],
+               "v": s[3], "loss_type": a.loss_type, "frozen": a.frozen, "matmul_peak_tflops": peak,
+               "sweep": kind, **res}
+        if kind == "table":
+            try:
+                row["err_loss"], row["err_dh"], row["err_dw"] = errors(prov, dtype, device, a.loss_type, a.beta)
+            except Exception as exc:  # a provider that cannot run the small shape
+                row["status"] = f"error: {exc}"[:120]
+            rows.append(row)
+        else:
+            sweep_rows.append(row)
+    print_table(rows, meta, shape, peak)
+    if skipped:
+        print(f"# skipped (not available here): {', '.join(skipped)}")
+    by = {r["provider"]: r for r in rows}
+    for fused in ("fused-torch", "fused-triton"):
+        if "eager" in by and by.get(fused, {}).get("peak_mb", 0) > 0:
+            print(f"# peak memory above inputs, eager / {fused}: "
+                  f"{by['eager']['peak_mb'] / by[fused]['peak_mb']:.1f}x")
+    os.makedirs(a.out, exist_ok=True)
+    tag = a.tag or ("cpu" if device.type == "cpu" else meta["device"].replace(" ", "-").lower())
+    csv_path = os.path.join(a.out, f"bench-{tag}.csv")
+    fields = sorted({k for r in rows + sweep_rows for k in r})
+    with open(csv_path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=fields)
+        wr.writeheader()
+        wr.writerows(rows + sweep_rows)
+    print(f"# wrote {csv_path}")
+    if sweep_rows:
+        png = os.path.join(a.out, f"bench-{tag}.png")
+        plot(sweep_rows, png)
+        print(f"# wrote {png}")
+    return rows
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
-    p.add_argument("--n", type=int, default=16384 if cuda else 1024)
-    p.add_argument("--d", type=int, default=4096 if cuda else 512)
-    p.add_argument("--v", type=int, default=128256 if cuda else 32000)
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32",
-                   choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--ignore-frac", type=float, default=0.0)
-    p.add_argument("--csv", default=None)
-    a = p.parse_args(argv)
-    device = torch.device("cuda" if cuda else "cpu")
-    rows = run(a.n, a.d, a.v, getattr(torch, a.dtype), device, a.ignore_frac)
-    print_table(rows)
-    if a.csv:
-        new = not os.path.exists(a.csv)
-        with open(a.csv, "a", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                wr.writeheader()
-            wr.writerows(rows)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_probe"]:
+        return _probe(argv[1])
+    run(argv)
 
 
 if __name__ == "__main__":

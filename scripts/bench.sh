@@ -4,4 +4,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
-exec python -m fusedpref.bench "$@"
+exec python -m fusedpref.cli bench "$@"
