@@ -7,8 +7,8 @@ import sys
 
 def test_bench_command_writes_table_csv_png(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDPREF_POISON")}
-    cmd = [sys.executable, "-m", "fusedpref.cli", "bench", "--pairs", "2", "--seq", "32", "--d", "32",
-           "--v", "4000", "--repeats", "1", "--out", str(tmp_path), "--tag", "test"]
+    cmd = [sys.executable, "-m", "fusedpref.cli", "bench", "--pairs", "2", "--seq", "64", "--d", "32",
+           "--v", "32000", "--repeats", "1", "--out", str(tmp_path), "--tag", "test"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -18,7 +18,7 @@ def test_bench_command_writes_table_csv_png(tmp_path):
     assert set(table) == {"eager", "fused-torch"}
     for r in table.values():
         assert float(r["fwd_bwd_ms"]) > 0 and float(r["err_loss"]) < 1e-5 and float(r["err_dw"]) < 1e-5
-        assert r["commit"] and r["device"] and r["torch"] and int(r["n_valid"]) == 64
+        assert r["commit"] and r["device"] and r["torch"] and int(r["n_valid"]) == 128
     assert float(table["eager"]["peak_mb"]) > float(table["fused-torch"]["peak_mb"])
     assert (tmp_path / "bench-test.png").stat().st_size > 10_000
 
