@@ -302,8 +302,8 @@ def run(argv=None):
     p = argparse.ArgumentParser(prog="fusedpref bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=8 if cuda else 4)
-    p.add_argument("--seq", type=int, default=1024 if cuda else 128)
-    p.add_argument("--d", type=int, default=4096 if cuda else 256)
+    p.add_argument("--seq", type=int, default=1024 if cuda else 256)
+    p.add_argument("--d", type=int, default=4096 if cuda else 128)
     p.add_argument("--v", type=int, default=128256 if cuda else 32000)
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--prompt-frac", type=float, default=0.5, help="leading fraction of each sequence ignored")
