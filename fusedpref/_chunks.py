@@ -5,9 +5,9 @@ from __future__ import annotations
 from . import config
 
 
-def vocab_chunk_cols(n_rows: int, vocab: int, elem_bytes: int, align: int = 1) -> int:
+def vocab_chunk_cols(n_rows: int, vocab: int, elem_bytes: int, align: int = 1, default_mb: float = 32) -> int:
     """Columns per chunk so that n_rows x cols x elem_bytes <= the chunk budget (>= align)."""
-    cols = config.chunk_bytes() // max(1, n_rows * elem_bytes)
+    cols = config.chunk_bytes(default_mb) // max(1, n_rows * elem_bytes)
     cols = max(align, cols // align * align)
     return min(cols, vocab)
 

@@ -162,18 +162,46 @@ def measure(provider, shape, dtype, device, loss_type, beta, reps, frozen=False,
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        import resource
-
-        # a fresh process: the first pass is the memory measurement (a warm-up would leave its own
-        # peak behind, since ru_maxrss only grows)
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # a fresh process; the peak-RSS mark is reset first (Linux), so transient peaks of the
+        # imports do not hide this measurement
+        base = _reset_peak_rss_mb()
         fwd_bwd()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        peak = _peak_rss_mb() - base
         t_fwd = _median_ms(lambda: fwd().detach(), reps)
         t_all = _median_ms(fwd_bwd, reps)
     return {"n_valid": int((y != -100).sum()), "fwd_ms": t_fwd, "bwd_ms": t_all - t_fwd, "fwd_bwd_ms": t_all, "peak_mb": peak,
             "extra_mb": peak - grads_mb,
             "flops": flop_count(y, shape[2], shape[3]) * (0.75 if frozen else 1.0)}
+
+
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(field)
+
+
+def _reset_peak_rss_mb():
+    """Resets the process's peak-RSS mark (writing 5 to /proc/self/clear_refs) and returns the
+    current RSS in MB; where that is not possible, returns the lifetime peak (ru_maxrss)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_mb("VmRSS")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_rss_mb():
+    try:
+        return _status_mb("VmHWM")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_isolated(provider, shape, dtype, device, loss_type, beta, reps, frozen, prompt_frac):

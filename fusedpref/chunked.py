@@ -25,10 +25,10 @@ def chunk_logits(hf, w, b, softcap, v0, v1):
 
 
 def _target_in_chunk(z, y, v0, v1):
-    """z[i, y_i - v0] where v0 <= y_i < v1, else 0; and the mask of such rows."""
+    """z[i, y_i - v0] where v0 <= y_i < v1, else 0."""
     inside = (y >= v0) & (y < v1)
     local = (y - v0).clamp(0, v1 - v0 - 1)
-    return torch.where(inside, z.gather(1, local[:, None]).squeeze(1), 0.0), inside, local
+    return torch.where(inside, z.gather(1, local[:, None]).squeeze(1), 0.0)
 
 
 def logprob_forward(h, w, b, y, softcap, with_stats: bool):
@@ -42,17 +42,18 @@ def logprob_forward(h, w, b, y, softcap, with_stats: bool):
         zsum, pz = torch.zeros(n, device=h.device), torch.zeros(n, device=h.device)
         amax = torch.full((n,), float("-inf"), device=h.device)
         aidx = torch.zeros(n, dtype=torch.long, device=h.device)
-    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32)):
+    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32, default_mb=8)):
         z = chunk_logits(hf, w, b, softcap, v0, v1)
         cmax, carg = z.max(dim=1)
         m_new = torch.maximum(m, cmax)
         alpha = torch.exp(m - m_new)
-        p = torch.exp(z - m_new[:, None])
-        l = l * alpha + p.sum(1)
-        zy += _target_in_chunk(z, y, v0, v1)[0]
+        zy += _target_in_chunk(z, y, v0, v1)
         if with_stats:
             zsum += z.sum(1)
-            pz = pz * alpha + (p * z).sum(1)
+        p = z.sub(m_new[:, None]).exp_()                  # one chunk-sized temporary
+        l = l * alpha + p.sum(1)
+        if with_stats:
+            pz = pz * alpha + torch.einsum("ij,ij->i", p, z)
             better = cmax > amax
             aidx = torch.where(better, carg + v0, aidx)
             amax = torch.where(better, cmax, amax)
@@ -72,7 +73,7 @@ def head_backward(h, w, need_h, need_w, need_b, chunk_dz):
     dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need_h else None
     dw = config.empty((vocab, d), w.dtype, w.device) if need_w else None
     db = config.empty((vocab,), torch.float32, w.device) if need_b else None
-    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32)):
+    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32, default_mb=8)):
         dz = chunk_dz(hf, v0, v1)
         if need_w:
             dw[v0:v1] = dz.t() @ hf
@@ -88,12 +89,15 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
 
     def chunk_dz(hf, v0, v1):
         z = chunk_logits(hf, w, b, softcap, v0, v1)
-        dz = torch.exp(z - lse[:, None]).mul_(-g[:, None])
-        _, inside, local = _target_in_chunk(z, y, v0, v1)
+        inside = (y >= v0) & (y < v1)
         rows = inside.nonzero().squeeze(1)
-        dz[rows, local[rows]] += g[rows]
+        cols = y[rows] - v0
         if softcap is not None:
-            dz *= 1.0 - (z / softcap) ** 2
+            cap = z.div(softcap).square_().neg_().add_(1.0)      # 1 - (z / softcap)^2
+        dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])       # in place: z is not needed after
+        dz[rows, cols] += g[rows]
+        if softcap is not None:
+            dz.mul_(cap)
         return dz
 
     return head_backward(h, w, need_h, need_w, need_b, chunk_dz)
@@ -105,7 +109,7 @@ def kl_forward(h, w, b, rh, rw, rb, softcap):
     hf, rhf = h.float(), rh.float()
     inf = torch.full((n,), float("-inf"), device=h.device)
     m_z, l_z, m_r, l_r, a = inf, torch.zeros_like(inf), inf, torch.zeros_like(inf), torch.zeros_like(inf)
-    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32)):
+    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32, default_mb=8)):
         z = chunk_logits(hf, w, b, softcap, v0, v1)
         r = chunk_logits(rhf, rw, rb, softcap, v0, v1)
         mz = torch.maximum(m_z, z.amax(1))
@@ -128,9 +132,11 @@ def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need
     def chunk_dz(hf, v0, v1):
         z = chunk_logits(hf, w, b, softcap, v0, v1)
         r = chunk_logits(rhf, rw, rb, softcap, v0, v1)
-        dz = (torch.exp(z - lse[:, None]) - torch.exp(r - rlse[:, None])) * g[:, None]
         if softcap is not None:
-            dz *= 1.0 - (z / softcap) ** 2
+            cap = z.div(softcap).square_().neg_().add_(1.0)
+        dz = z.sub_(lse[:, None]).exp_().sub_(r.sub_(rlse[:, None]).exp_()).mul_(g[:, None])
+        if softcap is not None:
+            dz.mul_(cap)
         return dz
 
     return head_backward(h, w, need_h, need_w, need_b, chunk_dz)

@@ -4,9 +4,10 @@ One fixed, known-good tile configuration per (GPU architecture, dtype) and kerne
 is opt-in: set FUSEDPREF_AUTOTUNE=1 and the first call per (kernel, dtype, shape bucket) times
 the candidates below with triton.testing.do_bench and keeps the fastest for the process.
 
-FUSEDPREF_CHUNK_MB (default 16) bounds the vocabulary-chunk buffers that backward (and the
-torch backend's forward) allocate: rows x chunk_columns x element size <= this many MiB per
-buffer (the Triton backend keeps one such buffer, the torch backend about three).
+FUSEDPREF_CHUNK_MB bounds the vocabulary-chunk buffers that backward (and the torch backend's
+forward) allocate: rows x chunk_columns x element size <= this many MiB per buffer. Default: 32
+for the Triton backend (one dz buffer; larger chunks keep its GEMMs efficient), 8 for the torch
+backend (which holds about two such fp32 buffers at once).
 
 FUSEDPREF_POISON=1 (tests) fills every buffer a kernel must write completely with NaN first,
 so an element left unwritten shows up as NaN instead of stale memory.
@@ -92,8 +93,8 @@ def autotune_enabled() -> bool:
     return os.environ.get("FUSEDPREF_AUTOTUNE", "0") == "1"
 
 
-def chunk_bytes() -> int:
-    mb = float(os.environ.get("FUSEDPREF_CHUNK_MB", "16"))
+def chunk_bytes(default_mb: float = 32) -> int:
+    mb = float(os.environ.get("FUSEDPREF_CHUNK_MB", default_mb))
     if not mb > 0:
         raise ValueError(f"FUSEDPREF_CHUNK_MB must be a positive number of MiB, got {mb!r}")
     return int(mb * 2**20)
