@@ -24,14 +24,19 @@ def _tiles(kernel: str, h: torch.Tensor, shape_key, run):
     return config.tiles(kernel, h.device, h.dtype)
 
 
-def combine_splits(part: torch.Tensor, arg: torch.Tensor | None, y: torch.Tensor):
-    """Merges per-split partials [field, split, row] into lse, logp and optional stats."""
-    m, l, zy = part[0], part[1], part[2]
+def _lse(m, l):
+    """Log-sum-exp from per-split (max, sum of exp(z - max)) [split, row]; also the per-split
+    rescaling factors and the combined sum (relative to the overall max)."""
     big = m.amax(0)
     scale = torch.exp(m - big)
     total = (l * scale).sum(0)
-    lse = big + torch.log(total)
-    logp = zy.sum(0) - lse
+    return big + torch.log(total), scale, total
+
+
+def combine_splits(part: torch.Tensor, arg: torch.Tensor | None, y: torch.Tensor):
+    """Merges per-split partials [field, split, row] into lse, logp and optional stats."""
+    lse, scale, total = _lse(part[0], part[1])
+    logp = part[2].sum(0) - lse
     stats = None
     if arg is not None:
         logit_sum = part[3].sum(0)
@@ -42,6 +47,16 @@ def combine_splits(part: torch.Tensor, arg: torch.Tensor | None, y: torch.Tensor
     return logp, lse, stats
 
 
+def _splits(n, vocab, tiles, device):
+    """(grid rows, vocabulary per split, number of splits): ~2 programs per SM."""
+    n_blocks = triton.cdiv(n, tiles.BLOCK_N)
+    v_tiles = triton.cdiv(vocab, tiles.BLOCK_V)
+    splits = min(v_tiles, max(1, triton.cdiv(2 * config.num_sms(device), n_blocks)))
+    v_per_split = triton.cdiv(v_tiles, splits) * tiles.BLOCK_V
+    return n_blocks, v_per_split, triton.cdiv(vocab, v_per_split)
+
+
+
 def logprob_forward(h, w, b, y, softcap, with_stats: bool):
     """logp [Nv], lse [Nv] (fp32) and, with_stats, [Nv, 3] = (sum_v z, entropy, argmax hit)."""
     n, d = h.shape
@@ -49,12 +64,7 @@ def logprob_forward(h, w, b, y, softcap, with_stats: bool):
     nf = 6 if with_stats else 3
 
     def run(tiles: config.Tiles):
-        n_blocks = triton.cdiv(n, tiles.BLOCK_N)
-        v_tiles = triton.cdiv(vocab, tiles.BLOCK_V)
-        # split the vocabulary across programs until the GPU has ~2 programs per SM
-        splits = min(v_tiles, max(1, triton.cdiv(2 * config.num_sms(h.device), n_blocks)))
-        v_per_split = triton.cdiv(v_tiles, splits) * tiles.BLOCK_V
-        splits = triton.cdiv(vocab, v_per_split)
+        n_blocks, v_per_split, splits = _splits(n, vocab, tiles, h.device)
         part = config.empty((nf, splits, n), torch.float32, h.device)
         arg = config.empty((splits, n), torch.int32, h.device) if with_stats else None
         logprob_fwd_kernel[(n_blocks, splits)](
@@ -133,22 +143,6 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
         run(_tiles("dz", h, (triton.next_power_of_2(n), v1 - v0, d), run))
 
     return chunked_head_backward(h, w, need_h, need_w, need_b, fill)
-
-
-def _splits(n, vocab, tiles, device):
-    """(grid rows, vocabulary per split, number of splits): ~2 programs per SM."""
-    n_blocks = triton.cdiv(n, tiles.BLOCK_N)
-    v_tiles = triton.cdiv(vocab, tiles.BLOCK_V)
-    splits = min(v_tiles, max(1, triton.cdiv(2 * config.num_sms(device), n_blocks)))
-    v_per_split = triton.cdiv(v_tiles, splits) * tiles.BLOCK_V
-    return n_blocks, v_per_split, triton.cdiv(vocab, v_per_split)
-
-
-def _lse(m, l):
-    big = m.amax(0)
-    scale = torch.exp(m - big)
-    total = (l * scale).sum(0)
-    return big + torch.log(total), scale, total
 
 
 def kl_forward(h, w, b, rh, rw, rb, softcap):
