@@ -152,7 +152,7 @@ def discopop(p: Pairs):
     return -F.logsigmoid(x) * (1 - mod) + torch.exp(-x) * mod
 
 
-@register("sft", needs_ref=False, rewards="sum")
+@register("sft", needs_ref=False)
 def sft(p: Pairs):
     return p.nll().expand_as(p.chosen)
 

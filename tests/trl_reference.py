@@ -91,7 +91,7 @@ def trl_loss(hidden, weight, targets, *, loss_type, beta, bias=None, ref_hidden=
     first = types[0]
     if first in ("simpo", "orpo"):
         rwc, rwr = beta * c / lc, beta * r / lr
-    elif first in ("cpo", "sft") or ref_logps is None:
+    elif first == "cpo" or ref_logps is None:
         rwc, rwr = beta * c, beta * r
     else:
         rwc, rwr = beta * (c - rc), beta * (r - rr)
