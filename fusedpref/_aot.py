@@ -26,7 +26,7 @@ def _specs(arch: int, dtype: torch.dtype):
     from . import kernels
 
     t = _TT[dtype]
-    cfg = {k: config.TILES[(k, arch, dtype)] for k in ("fwd", "fwd_stats", "dz", "mm")}
+    cfg = {k: config.TILES[(k, arch, dtype)] for k in ("fwd", "fwd_stats", "dz", "mm", "kl_fwd", "kl_dz")}
     mt = cfg["mm"]
     head = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": "*i64"}
     strides = {"stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32", "stride_wd": "constexpr"}
@@ -40,8 +40,8 @@ def _specs(arch: int, dtype: torch.dtype):
         yield (f"logprob_fwd{'_stats' if stats else ''}", kernels.logprob_fwd_kernel, sig, const, lt.launch())
     sig = {**head, "lse_ptr": "*fp32", "g_ptr": "*fp32", "dz_ptr": f"*{t}", "N": "i32", "V": "i32",
            "D": "i32", "v_lo": "i32", "n_cols": "i32", **strides, "stride_dzn": "i32", "softcap": "fp32"}
-    dt_ = cfg["dz"]
-    yield ("logprob_dz", kernels.logprob_dz_kernel, sig, {**unit, **flags, **dt_.constexprs()}, dt_.launch())
+    yield ("logprob_dz", kernels.logprob_dz_kernel, sig, {**unit, **flags, **cfg["dz"].constexprs()},
+           cfg["dz"].launch())
     sig = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_am": "i32", "stride_ak": "constexpr", "stride_bk": "i32", "stride_bn": "constexpr",
            "stride_cm": "i32", "stride_cn": "constexpr"}
@@ -51,12 +51,12 @@ def _specs(arch: int, dtype: torch.dtype):
     ref = {"rh_ptr": f"*{t}", "rw_ptr": f"*{t}", "rb_ptr": f"*{t}"}
     rstrides = {"stride_rhn": "i32", "stride_rhd": "constexpr", "stride_rwv": "i32", "stride_rwd": "constexpr"}
     kl_flags = {**flags, "HAS_REF_BIAS": True, "REF_DOT_FP32": False, "stride_rhd": 1, "stride_rwd": 1, **unit}
-    kt = cfg_kl = config.TILES[("kl_fwd", arch, dtype)]
+    kt = cfg["kl_fwd"]
     sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "part_ptr": "*fp32", "N": "i32",
            "V": "i32", "D": "i32", "RD": "i32", "v_per_split": "i32", "n_splits": "i32", **strides, **rstrides,
            "softcap": "fp32"}
-    yield ("kl_fwd", kernels.kl_fwd_kernel, sig, {**kl_flags, **cfg_kl.constexprs()}, kt.launch())
-    kt = config.TILES[("kl_dz", arch, dtype)]
+    yield ("kl_fwd", kernels.kl_fwd_kernel, sig, {**kl_flags, **kt.constexprs()}, kt.launch())
+    kt = cfg["kl_dz"]
     sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "lse_ptr": "*fp32", "rlse_ptr": "*fp32",
            "g_ptr": "*fp32", "dz_ptr": f"*{t}", "N": "i32", "V": "i32", "D": "i32", "RD": "i32", "v_lo": "i32",
            "n_cols": "i32", **strides, **rstrides, "stride_dzn": "i32", "softcap": "fp32"}
