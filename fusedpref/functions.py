@@ -32,6 +32,19 @@ def _scatter_rows(values: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tens
     return out
 
 
+def _policy_grads(hidden, weight, bias, idx, n, needs, compute):
+    """(dH, dW, db) of a policy head from compute(valid_rows) -> (dh_rows, dw, db_fp32).
+
+    Zeros when no row is valid; dH rows are scattered back to the full [..., D] shape."""
+    need_h, need_w, need_b = needs
+    if idx.numel() == 0:
+        return tuple(torch.zeros_like(t) if need else None
+                     for t, need in ((hidden, need_h), (weight, need_w), (bias, need_b)))
+    dh_v, dw, db = compute(_rows(hidden, idx))
+    dh = _scatter_rows(dh_v, idx, n).view(hidden.shape) if need_h else None
+    return dh, dw, (db.to(bias.dtype) if need_b else None)
+
+
 class LinearLogProbs(torch.autograd.Function):
     """logp = log_softmax(softcap(hidden @ weight.T + bias))[targets], 0 at ignore_index.
 
@@ -68,20 +81,10 @@ class LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, _grad_stats):
         hidden, weight, bias, idx, y, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        dh = dw = db = None
-        if idx.numel() == 0 or grad_logp is None:
-            dh = torch.zeros_like(hidden) if need_h else None
-            dw = torch.zeros_like(weight) if need_w else None
-            db = torch.zeros_like(bias) if need_b else None
-            return dh, dw, None, db, None, None, None, None
-        g = grad_logp.reshape(-1).index_select(0, idx)
-        dh_v, dw, db = ctx.impl.logprob_backward(
-            _rows(hidden, idx), weight, bias, y, lse, g, ctx.softcap, need_h, need_w, need_b)
-        if need_h:
-            dh = _scatter_rows(dh_v, idx, ctx.n).view(hidden.shape)
-        if need_b:
-            db = db.to(bias.dtype)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+        g = grad_logp.reshape(-1).index_select(0, idx)    # autograd materialises zero grads
+        dh, dw, db = _policy_grads(hidden, weight, bias, idx, ctx.n, needs, lambda rows: ctx.impl.logprob_backward(
+            rows, weight, bias, y, lse, g, ctx.softcap, *needs))
         return dh, dw, None, db, None, None, None, None
 
 
@@ -138,16 +141,11 @@ class LinearKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_kl):
         hidden, weight, bias, rh, rw, rb, idx, lse, rlse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5]
-        nones = (None,) * 4
-        if idx.numel() == 0:
-            return ((torch.zeros_like(hidden) if need_h else None), (torch.zeros_like(weight) if need_w else None),
-                    None, None, None, (torch.zeros_like(bias) if need_b else None)) + nones
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5])
         g = grad_kl.reshape(-1).index_select(0, idx)
-        dh_v, dw, db = ctx.impl.kl_backward(_rows(hidden, idx), weight, bias, rh, rw, rb, lse, rlse, g,
-                                            ctx.softcap, need_h, need_w, need_b)
-        dh = _scatter_rows(dh_v, idx, ctx.n).view(hidden.shape) if need_h else None
-        return (dh, dw, None, None, None, (db.to(bias.dtype) if need_b else None)) + nones
+        dh, dw, db = _policy_grads(hidden, weight, bias, idx, ctx.n, needs, lambda rows: ctx.impl.kl_backward(
+            rows, weight, bias, rh, rw, rb, lse, rlse, g, ctx.softcap, *needs))
+        return dh, dw, None, None, None, db, None, None, None, None
 
 
 def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
