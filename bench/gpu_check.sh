@@ -4,8 +4,10 @@
 # It installs this checkout offline over the machine's own torch + Triton, runs the test suite
 # compiled on the GPU (interpreter off, bf16 included), then the benchmark: the core table at
 # the Llama-3-8B head shape (D=4096, V=128256, N=16384 all valid, bf16) and the default
-# `fusedpref bench` sweep (8 pairs x 1024 tokens, half prompt). Liger / CCE wheels carried in
-# .wheels/ (pip download --no-deps here) are installed offline when present.
+# `fusedpref bench` sweep (8 pairs x 1024 tokens, half prompt); each provider has its own time
+# limit (--timeout), so one slow provider cannot cost the others' figures. The comparators are
+# pure-Python wheels; the device machine has no network, so fetch them here first and carry
+# .wheels:  pip download --no-deps -d .wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 set -uo pipefail
 OUT="${OUT:-$(pwd)/out}"
 mkdir -p "$OUT"
@@ -28,10 +30,10 @@ timeout 300 "$PY" -m pytest -q -x tests -p no:cacheprovider --junitxml="$OUT/pyt
     > "$OUT/pytest.log" 2>&1 || status=1
 tail -n 30 "$OUT/pytest.log"
 # 2. the core table: N = 8 x 2048 = 16384 tokens, all valid
-timeout 120 "$PY" -m fusedpref.cli bench --pairs 4 --seq 2048 --prompt-frac 0 --no-sweep \
-    --providers eager,fused-triton,liger,cce --out "$OUT" --tag core > "$OUT/bench_core.txt" 2>&1 || status=1
+timeout 150 "$PY" -m fusedpref.cli bench --pairs 4 --seq 2048 --prompt-frac 0 --no-sweep \
+    --providers eager,fused-triton,liger,cce --timeout 60 --out "$OUT" --tag core > "$OUT/bench_core.txt" 2>&1 || status=1
 cat "$OUT/bench_core.txt"
 # 3. the default bench (sweep + PNG)
-timeout 150 "$PY" -m fusedpref.cli bench --out "$OUT" > "$OUT/bench_default.txt" 2>&1 || status=1
+timeout 200 "$PY" -m fusedpref.cli bench --timeout 45 --out "$OUT" > "$OUT/bench_default.txt" 2>&1 || status=1
 cat "$OUT/bench_default.txt"
 exit $status

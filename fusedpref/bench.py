@@ -6,13 +6,15 @@ precomputed, as TRL's precompute_ref_log_probs does):
   compile       torch.compile of the eager loss (GPU only)
   fused-torch   fusedpref, chunked PyTorch backend
   fused-triton  fusedpref, Triton kernels (GPU only)
-  liger         Liger-Kernel's LigerFusedLinearDPOLoss (sigmoid loss only; when importable, GPU)
+  liger         Liger-Kernel's LigerFusedLinearDPOLoss (sigmoid loss only, no reference input;
+                when importable; torch.compile'd chunks on GPU as Liger defaults, eager on CPU)
   cce           Cut Cross-Entropy linear_cross_entropy(reduction="none") summed per sequence
                 (when importable, GPU)
 
-On CUDA: triton.testing.do_bench and torch.cuda.max_memory_allocated. On the CPU every
-measurement runs in a fresh subprocess: median wall time of a few repeats, and the peak-RSS raise
-(MALLOC_MMAP_THRESHOLD_ set so freed blocks return to the OS). peak_mb is the peak memory above
+Each provider runs in its own worker process (a crash, OOM or --timeout stops that provider
+alone). On CUDA: triton.testing.do_bench and torch.cuda.max_memory_allocated. On the CPU: median
+wall time of a few repeats, and the raise of peak RSS, whose mark is reset before each
+measurement (MALLOC_MMAP_THRESHOLD_ set so freed blocks return to the OS). peak_mb is the peak memory above
 inputs and weights during forward+backward; extra_mb subtracts the gradients (which every
 provider must produce). On the CPU extra_mb is within allocator noise of 0 for small fused runs.
 """
@@ -21,16 +23,20 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
 
 ALL_PROVIDERS = ("eager", "compile", "fused-torch", "fused-triton", "liger", "cce")
+# the CPU default keeps the run under a minute on 2 cores; liger runs there too when asked for
+CPU_DEFAULT_PROVIDERS = ("eager", "fused-torch")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -72,7 +78,7 @@ def _eager_loss(hidden, weight, targets, ref_logps, loss_type, beta):
 
 
 def available(provider, device):
-    if provider in ("compile", "fused-triton", "liger", "cce") and device.type != "cuda":
+    if provider in ("compile", "fused-triton", "cce") and device.type != "cuda":
         return False
     if provider == "liger":
         try:
@@ -94,7 +100,9 @@ def loss_fn(provider, loss_type, beta):
     if provider == "eager":
         return lambda h, w, y, r: _eager_loss(h, w, y, r, loss_type, beta)
     if provider == "compile":
-        compiled = torch.compile(_eager_loss, dynamic=False)
+        # default dynamic-shape policy: the error check's small shape, then one dynamic recompile
+        # serves the sweep's shapes
+        compiled = torch.compile(_eager_loss)
         return lambda h, w, y, r: compiled(h, w, y, r, loss_type, beta)
     if provider in ("fused-torch", "fused-triton"):
         backend = provider.split("-")[1]
@@ -105,11 +113,14 @@ def loss_fn(provider, loss_type, beta):
             raise ValueError("the liger provider is benchmarked with loss_type='sigmoid' only")
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-        mod = LigerFusedLinearDPOLoss(beta=beta, use_ref_model=False)
+        # Liger takes no precomputed reference log-probs (it runs a reference head or none), so
+        # it runs without one: the same work as the others minus the reference subtraction, and
+        # its errors are taken against a zero reference (see provider_ref). torch.compile of its
+        # chunk step is Liger's default on GPU; on the CPU it would add ~30 s of compilation.
+        mod = LigerFusedLinearDPOLoss(beta=beta, use_ref_model=False, compiled=torch.cuda.is_available())
 
         def liger(h, w, y, r):
-            b = h.shape[0] // 2
-            out = mod(w, h, y, ref_chosen_logps=r[:b], ref_rejected_logps=r[b:])
+            out = mod(w, h, y)
             return out[0] if isinstance(out, tuple) else out
         return liger
     if provider == "cce":
@@ -124,8 +135,9 @@ def loss_fn(provider, loss_type, beta):
 
 # ----------------------------------------------------------------------------- measuring
 
-def _median_ms(fn, reps):
-    fn()
+def _median_ms(fn, reps, warmup=True):
+    if warmup:
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -162,13 +174,13 @@ def measure(provider, shape, dtype, device, loss_type, beta, reps, frozen=False,
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        # a fresh process; the peak-RSS mark is reset first (Linux), so transient peaks of the
-        # imports do not hide this measurement
+        # the peak-RSS mark is reset first (Linux), so earlier peaks in this process do not hide
+        # this measurement; the measured run is also the warm-up of the timed ones
         base = _reset_peak_rss_mb()
         fwd_bwd()
         peak = _peak_rss_mb() - base
-        t_fwd = _median_ms(lambda: fwd().detach(), reps)
-        t_all = _median_ms(fwd_bwd, reps)
+        t_fwd = _median_ms(lambda: fwd().detach(), reps, warmup=False)
+        t_all = _median_ms(fwd_bwd, reps, warmup=False)
     return {"n_valid": int((y != -100).sum()), "fwd_ms": t_fwd, "bwd_ms": t_all - t_fwd, "fwd_bwd_ms": t_all, "peak_mb": peak,
             "extra_mb": peak - grads_mb,
             "flops": flop_count(y, shape[2], shape[3]) * (0.75 if frozen else 1.0)}
@@ -204,29 +216,71 @@ def _peak_rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_isolated(provider, shape, dtype, device, loss_type, beta, reps, frozen, prompt_frac):
-    """On the CPU: measure in a fresh subprocess so that peak RSS belongs to this measurement."""
-    if device.type == "cuda":
-        try:
-            return measure(provider, shape, dtype, device, loss_type, beta, reps, frozen, prompt_frac)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return {"status": "OOM"}
-    args = json.dumps([provider, list(shape), str(dtype).split(".")[1], loss_type, beta, reps, frozen, prompt_frac])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
-    proc = subprocess.run([sys.executable, "-m", "fusedpref.bench", "--_probe", args], capture_output=True,
-                          text=True, env=env, timeout=600)
-    if proc.returncode != 0:
-        return {"status": "error: " + proc.stderr.strip().splitlines()[-1][:120]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _worker_env():
+    # large blocks are mmap'd and returned to the OS on free, so peak RSS follows live tensors
+    return dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", PYTHONUNBUFFERED="1")
 
 
-def _probe(args):
-    provider, shape, dtype, loss_type, beta, reps, frozen, prompt_frac = json.loads(args)
+def run_provider(provider, jobs, dtype, device, loss_type, beta, frozen, prompt_frac, timeout, on_result):
+    """Measures one provider at every (shape, repeats, with_errors) of `jobs` in one fresh worker
+    process, calling on_result(index, result) as each finishes. A provider that crashes, runs out
+    of memory or passes `timeout` seconds marks its remaining jobs and leaves the others alone."""
+    spec = json.dumps({"provider": provider, "jobs": jobs, "dtype": str(dtype).split(".")[1],
+                       "device": device.type, "loss_type": loss_type, "beta": beta, "frozen": frozen,
+                       "prompt_frac": prompt_frac})
+    proc = subprocess.Popen([sys.executable, "-m", "fusedpref.bench", "--_worker", spec],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_worker_env())
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    done = set()
+    try:
+        for line in proc.stdout:
+            if line.startswith("{"):
+                msg = json.loads(line)
+                done.add(msg["i"])
+                on_result(msg["i"], msg["result"])
+        err = proc.stderr.read()
+        proc.wait()
+    finally:
+        timer.cancel()
+    if len(done) < len(jobs):
+        why = "timeout" if not timer.is_alive() and proc.returncode in (-9, 137) else \
+            "error: " + (err.strip().splitlines() or ["worker died"])[-1][:120]
+        for i in range(len(jobs)):
+            if i not in done:
+                on_result(i, {"status": why})
+
+
+def _worker(spec):
+    s = json.loads(spec)
+    device, dtype = torch.device(s["device"]), getattr(torch, s["dtype"])
     torch.manual_seed(0)
-    out = measure(provider, tuple(shape), getattr(torch, dtype), torch.device("cpu"), loss_type, beta,
-                  reps, frozen, prompt_frac)
-    print(json.dumps(out))
+    # the error check at a small shape runs first: it also pays the provider's one-time costs
+    # (imports, lazy initialisation, compilation of the small shape) outside the measurements
+    try:
+        errs = dict(zip(("err_loss", "err_dh", "err_dw"),
+                        errors(s["provider"], dtype, device, s["loss_type"], s["beta"])))
+    except Exception as exc:  # a provider that cannot run the small shape
+        errs = {"status": f"error: {type(exc).__name__}: {exc}"[:120]}
+    for i, (shape, reps, with_errors) in enumerate(s["jobs"]):
+        try:
+            res = measure(s["provider"], tuple(shape), dtype, device, s["loss_type"], s["beta"], reps,
+                          s["frozen"], s["prompt_frac"])
+        except torch.OutOfMemoryError:
+            res = {"status": "OOM"}
+        except Exception as exc:  # reported in the table; the other jobs go on
+            res = {"status": f"error: {type(exc).__name__}: {exc}"[:120]}
+        if with_errors:
+            res = {**errs, **res} if "status" not in errs else {**res, **errs}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        gc.collect()
+        print(json.dumps({"i": i, "result": res}), flush=True)
+
+
+def provider_ref(provider, ref_logps):
+    """The reference log-probs a provider's loss actually uses (Liger's: none, i.e. zero)."""
+    return torch.zeros_like(ref_logps) if provider == "liger" else ref_logps
 
 
 def errors(provider, dtype, device, loss_type, beta):
@@ -238,7 +292,7 @@ def errors(provider, dtype, device, loss_type, beta):
     loss = fn(h, w, y, r)
     dh, dw = torch.autograd.grad(loss, (h, w))
     ho, wo = h0.double().requires_grad_(), w0.double().requires_grad_()
-    ref = _eager_loss(ho, wo, y, r.double(), loss_type, beta)
+    ref = _eager_loss(ho, wo, y, provider_ref(provider, r).double(), loss_type, beta)
     rdh, rdw = torch.autograd.grad(ref, (ho, wo))
     return [abs(loss.item() - ref.item()), (dh.double() - rdh).abs().max().item(),
             (dw.double() - rdw).abs().max().item()]
@@ -287,11 +341,11 @@ TABLE_COLS = ["provider", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "extra_mb
               "err_loss", "err_dh", "err_dw", "status"]
 
 
-def print_table(rows, meta, shape, peak):
+def print_table(rows, meta, shape, peak, n_valid):
     pairs, seq, d, v = shape
     print(f"# {meta['date']}  {meta['device']}  commit {meta['commit']}  torch {meta['torch']}  "
           f"triton {meta['triton']}")
-    print(f"# {pairs} pairs x {seq} tokens ({rows[0]['n_valid'] if rows else '?'} valid), D={d}, V={v}, {meta['dtype']}; "
+    print(f"# {pairs} pairs x {seq} tokens ({n_valid} valid), D={d}, V={v}, {meta['dtype']}; "
           f"measured matmul peak {peak:.3g} TFLOP/s; TFLOP/s counts 8*N_valid*D*V")
     print("| " + " | ".join(TABLE_COLS) + " |")
     print("|" + "---|" * len(TABLE_COLS))
@@ -338,9 +392,12 @@ def run(argv=None):
     p.add_argument("--loss-type", default="sigmoid")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--frozen", action="store_true", help="frozen LM head (no dW), the LoRA case")
-    p.add_argument("--providers", default=",".join(ALL_PROVIDERS),
-                   help="comma-separated subset of " + ",".join(ALL_PROVIDERS) + " (unavailable ones are skipped)")
+    p.add_argument("--providers", default=",".join(ALL_PROVIDERS if cuda else CPU_DEFAULT_PROVIDERS),
+                   help="comma-separated subset of " + ",".join(ALL_PROVIDERS) + " (unavailable ones are "
+                   "skipped; default: all on GPU, " + ",".join(CPU_DEFAULT_PROVIDERS) + " on the CPU)")
     p.add_argument("--repeats", type=int, default=2 if not cuda else 5)
+    p.add_argument("--timeout", type=float, default=900,
+                   help="seconds one provider may take for all its shapes before it is stopped")
     p.add_argument("--no-sweep", action="store_true", help="skip the memory-vs-V and time-vs-tokens sweep")
     p.add_argument("--out", default=os.path.join("bench", "results"))
     p.add_argument("--tag", default=None, help="file name tag (default: the device)")
@@ -364,41 +421,49 @@ def run(argv=None):
         sweep += [("tokens", shape)]
         sweep += [("tokens", (max(1, a.pairs // 4) if cuda else 1, a.seq, a.d, a.v)),
                   ("tokens", (max(1, a.pairs // 2), a.seq, a.d, a.v))]
-    jobs = [("table", prov, shape) for prov in providers] + [(kind, prov, s) for kind, s in sweep
-                                                             for prov in providers]
+    # one worker process per provider runs its table shape (with the error check) and its sweep
+    kinds = [("table", shape)] + sweep
+    plan = {}
+    for kind, s in kinds:  # the table shape is also the sweep's middle point: measured once
+        plan.setdefault(s, []).append(kind)
+    jobs = [(list(s), a.repeats if "table" in ks else 1, "table" in ks) for s, ks in plan.items()]
     try:
         from tqdm import tqdm
     except ImportError:  # the progress bar is a dev extra
-        def tqdm(x, **_):
-            return x
-    rows, sweep_rows, cache = [], [], {}
-    for kind, prov, s in tqdm(jobs, desc="fusedpref bench", unit="run", file=sys.stderr):
-        key = (prov, s)
-        if key not in cache:
-            cache[key] = measure_isolated(prov, s, dtype, device, a.loss_type, a.beta,
-                                          a.repeats if kind == "table" else 1, a.frozen, a.prompt_frac)
-        res = dict(cache[key])
+        tqdm = None
+    bar = tqdm(total=len(jobs) * len(providers), desc="fusedpref bench", unit="run", file=sys.stderr) \
+        if tqdm else None
+    rows, sweep_rows = [], []
+
+    def record(prov, i, res):
+        s, ks = list(plan.items())[i]
+        res = dict(res)
         res.setdefault("status", "ok")
         if "fwd_bwd_ms" in res:
             res["tflops"] = res["flops"] / res["fwd_bwd_ms"] / 1e9
             res["pct_of_peak"] = 100 * res["tflops"] / peak
-        row = {**meta, "provider": prov, "pairs": s[0], "seq": s[1], "tokens": 2 * s[0] * s[1], "d": s[2],
-               "v": s[3], "loss_type": a.loss_type, "frozen": a.frozen, "matmul_peak_tflops": peak,
-               "sweep": kind, **res}
-        if kind == "table":
-            try:
-                row["err_loss"], row["err_dh"], row["err_dw"] = errors(prov, dtype, device, a.loss_type, a.beta)
-            except Exception as exc:  # a provider that cannot run the small shape
-                row["status"] = f"error: {exc}"[:120]
-            rows.append(row)
-        else:
-            sweep_rows.append(row)
-    print_table(rows, meta, shape, peak)
+        for kind in ks:
+            row = {**meta, "provider": prov, "pairs": s[0], "seq": s[1], "tokens": 2 * s[0] * s[1],
+                   "d": s[2], "v": s[3], "loss_type": a.loss_type, "frozen": a.frozen,
+                   "matmul_peak_tflops": peak, "sweep": kind, **res}
+            (rows if kind == "table" else sweep_rows).append(row)
+        if bar:
+            bar.set_postfix_str(prov)
+            bar.update(1)
+
+    for prov in providers:
+        run_provider(prov, jobs, dtype, device, a.loss_type, a.beta, a.frozen, a.prompt_frac,
+                     a.timeout, lambda i, res, prov=prov: record(prov, i, res))
+    if bar:
+        bar.close()
+    order = {p: k for k, p in enumerate(providers)}
+    rows.sort(key=lambda r: order[r["provider"]])
+    print_table(rows, meta, shape, peak, 2 * a.pairs * (a.seq - int(a.seq * a.prompt_frac)))
     if skipped:
         print(f"# skipped (not available here): {', '.join(skipped)}")
     by = {r["provider"]: r for r in rows}
     for fused in ("fused-torch", "fused-triton"):
-        if "eager" in by and by.get(fused, {}).get("peak_mb", 0) > 0:
+        if by.get("eager", {}).get("peak_mb", 0) > 0 and by.get(fused, {}).get("peak_mb", 0) > 0:
             print(f"# peak memory above inputs, eager / {fused}: "
                   f"{by['eager']['peak_mb'] / by[fused]['peak_mb']:.1f}x")
     os.makedirs(a.out, exist_ok=True)
@@ -419,8 +484,8 @@ def run(argv=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--_probe"]:
-        return _probe(argv[1])
+    if argv[:1] == ["--_worker"]:
+        return _worker(argv[1])
     run(argv)
 
 

@@ -1,6 +1,7 @@
 # Sourced by scripts/test.sh (and later commands): creates ./.venv on first use with torch (the
-# CPU build torch==2.13.0 where there is no NVIDIA GPU), triton, numpy, the dev tools and
-# fusedpref itself (editable), then activates it. Override the torch spec with FUSEDPREF_TORCH.
+# CPU build torch==2.13.0 where there is no NVIDIA GPU), triton, numpy, the dev tools, the
+# benchmark's comparators (Liger-Kernel, Cut Cross-Entropy) and fusedpref itself (editable), then
+# activates it. Override the torch spec with FUSEDPREF_TORCH.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FUSEDPREF_VENV:-$ROOT/.venv}"
@@ -17,6 +18,11 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, triton,
     "$VENV/bin/python" -m pip install -q triton numpy pytest hypothesis pytest-benchmark matplotlib tqdm 2>&1 | grep -v "^WARNING: Location" || true
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
     "$VENV/bin/python" -c "import torch, triton, fusedpref; print('[fusedpref] torch', torch.__version__, 'triton', triton.__version__)" >&2
+fi
+# the benchmark's comparators (pure-Python wheels over the torch + Triton above; --no-deps so
+# they never pull another torch)
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('liger_kernel') and u.find_spec('cut_cross_entropy')))" 2>/dev/null; then
+    "$VENV/bin/python" -m pip install -q --no-deps liger-kernel==0.8.5 cut-cross-entropy==25.1.1 2>&1 | grep -v "^WARNING: Location" || true
 fi
 export PATH="$VENV/bin:$PATH"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"

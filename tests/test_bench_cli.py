@@ -1,14 +1,18 @@
 """`fusedpref bench` runs end to end (tiny shape), prints the table, writes CSV and PNG."""
 import csv
+import functools
 import os
 import subprocess
 import sys
+
+import pytest
 
 
 def test_bench_command_writes_table_csv_png(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDPREF_POISON")}
     cmd = [sys.executable, "-m", "fusedpref.cli", "bench", "--pairs", "2", "--seq", "64", "--d", "32",
-           "--v", "32000", "--repeats", "1", "--out", str(tmp_path), "--tag", "test"]
+           "--v", "32000", "--repeats", "1", "--providers", "eager,fused-torch", "--out", str(tmp_path),
+           "--tag", "test"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -28,3 +32,47 @@ def test_cli_usage_and_unknown_command():
     assert proc.returncode == 0 and "bench" in proc.stdout and "desiderata" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "fusedpref.cli", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+def _bench(tmp_path, *args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDPREF_POISON")}
+    cmd = [sys.executable, "-m", "fusedpref.cli", "bench", "--pairs", "1", "--seq", "32", "--d", "32",
+           "--v", "1000", "--repeats", "1", "--no-sweep", "--out", str(tmp_path), "--tag", "t", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {r["provider"]: r for r in csv.DictReader(open(tmp_path / "bench-t.csv"))}, proc.stdout
+
+
+def test_liger_provider_matches_the_float64_reference(tmp_path):
+    pytest.importorskip("liger_kernel.chunked_loss")
+    rows, out = _bench(tmp_path, "--providers", "eager,liger")
+    assert rows["liger"]["status"] == "ok", rows["liger"]["status"]
+    # Liger runs without reference log-probs; its errors are taken against a zero reference
+    for k in ("err_loss", "err_dh", "err_dw"):
+        assert float(rows["liger"][k]) < 1e-5
+    assert float(rows["liger"]["fwd_bwd_ms"]) > 0
+
+
+def test_a_failing_provider_is_reported_and_the_others_run(tmp_path):
+    pytest.importorskip("liger_kernel.chunked_loss")
+    rows, out = _bench(tmp_path, "--providers", "eager,liger", "--loss-type", "ipo")
+    assert rows["eager"]["status"] == "ok"
+    assert rows["liger"]["status"].startswith("error: ValueError") and "sigmoid" in rows["liger"]["status"]
+    assert "| liger |" in out
+
+
+def test_a_provider_past_its_timeout_is_stopped(tmp_path):
+    rows, out = _bench(tmp_path, "--providers", "eager", "--timeout", "0.5")
+    assert rows["eager"]["status"] == "timeout"
+
+
+def test_cce_adapter_sums_per_sequence(monkeypatch):
+    """The cce provider's adapter (reduction="none", summed per sequence) against the float64
+    reference, through CCE's torch implementation (its Triton kernels need CUDA)."""
+    cce = pytest.importorskip("cut_cross_entropy")
+    import torch
+    from fusedpref import bench
+
+    monkeypatch.setattr(cce, "linear_cross_entropy", functools.partial(cce.linear_cross_entropy, impl="torch_compile"))
+    errs = bench.errors("cce", torch.float32, torch.device("cpu"), "sigmoid", 0.1)
+    assert max(errs) < 1e-5, errs
