@@ -60,3 +60,28 @@ def test_preference_loss(benchmark, loss_type):
         _sync()
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     assert torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("impl", ["separate", "one-pass"])
+def test_expo_per_token_work(benchmark, impl):
+    """EXPO's per-token work (policy log-probs, reference log-probs, exact KL; backward through
+    log-probs and KL): three primitives, as before linear_logprobs_kl, against the one pass."""
+    n, d, v = SIZES[-1]
+    h, w, y = _head(n, d, v)
+    rh, rw, _ = _head(n, d, v, seed=2)
+    rh, rw = rh.detach(), rw.detach()
+    g = torch.Generator().manual_seed(3)
+    g_lp, g_kl = torch.randn(n, generator=g).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
+
+    def step():
+        if impl == "separate":
+            logp = fusedpref.linear_logprobs(h, w, y, backend=BACKEND)
+            with torch.no_grad():
+                fusedpref.linear_logprobs(rh, rw, y, backend=BACKEND)
+            kl = fusedpref.linear_kl(h, w, rh, rw, y, backend=BACKEND)
+        else:
+            logp, _, kl = fusedpref.linear_logprobs_kl(h, w, rh, rw, y, backend=BACKEND)
+        torch.autograd.backward((logp, kl), (g_lp, g_kl))
+        _sync()
+    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    assert torch.isfinite(w.grad).all()

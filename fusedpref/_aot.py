@@ -26,7 +26,8 @@ def _specs(arch: int, dtype: torch.dtype):
     from . import kernels
 
     t = _TT[dtype]
-    cfg = {k: config.TILES[(k, arch, dtype)] for k in ("fwd", "fwd_stats", "dz", "mm", "kl_fwd", "kl_dz")}
+    cfg = {k: config.TILES[(k, arch, dtype)]
+           for k in ("fwd", "fwd_stats", "dz", "mm", "kl_fwd", "kl_fwd_stats", "kl_dz")}
     mt = cfg["mm"]
     head = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": "*i64"}
     strides = {"stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32", "stride_wd": "constexpr"}
@@ -51,16 +52,21 @@ def _specs(arch: int, dtype: torch.dtype):
     ref = {"rh_ptr": f"*{t}", "rw_ptr": f"*{t}", "rb_ptr": f"*{t}"}
     rstrides = {"stride_rhn": "i32", "stride_rhd": "constexpr", "stride_rwv": "i32", "stride_rwd": "constexpr"}
     kl_flags = {**flags, "HAS_REF_BIAS": True, "REF_DOT_FP32": False, "stride_rhd": 1, "stride_rwd": 1, **unit}
-    kt = cfg["kl_fwd"]
-    sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "part_ptr": "*fp32", "N": "i32",
-           "V": "i32", "D": "i32", "RD": "i32", "v_per_split": "i32", "n_splits": "i32", **strides, **rstrides,
-           "softcap": "fp32"}
-    yield ("kl_fwd", kernels.kl_fwd_kernel, sig, {**kl_flags, **kt.constexprs()}, kt.launch())
+    for stats in (False, True):   # plain KL; KL + both log-probs + policy stats (EXPO's pass)
+        kt = cfg["kl_fwd_stats" if stats else "kl_fwd"]
+        sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "y_ptr": "*i64", "part_ptr": "*fp32",
+               "arg_ptr": "*i32", "N": "i32", "V": "i32", "D": "i32", "RD": "i32", "v_per_split": "i32",
+               "n_splits": "i32", **strides, **rstrides, "softcap": "fp32"}
+        yield (f"kl_fwd{'_logp_stats' if stats else ''}", kernels.kl_fwd_kernel, sig,
+               {**kl_flags, "LOGP": stats, "STATS": stats, **kt.constexprs()}, kt.launch())
     kt = cfg["kl_dz"]
-    sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "lse_ptr": "*fp32", "rlse_ptr": "*fp32",
-           "g_ptr": "*fp32", "dz_ptr": f"*{t}", "N": "i32", "V": "i32", "D": "i32", "RD": "i32", "v_lo": "i32",
-           "n_cols": "i32", **strides, **rstrides, "stride_dzn": "i32", "softcap": "fp32"}
-    yield ("kl_dz", kernels.kl_dz_kernel, sig, {**kl_flags, **kt.constexprs()}, kt.launch())
+    for logp in (False, True):    # KL gradient; KL + log-prob gradient in one dz
+        sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "lse_ptr": "*fp32",
+               "rlse_ptr": "*fp32", "g_ptr": "*fp32", "y_ptr": "*i64", "glp_ptr": "*fp32", "dz_ptr": f"*{t}",
+               "N": "i32", "V": "i32", "D": "i32", "RD": "i32", "v_lo": "i32", "n_cols": "i32", **strides,
+               **rstrides, "stride_dzn": "i32", "softcap": "fp32"}
+        yield (f"kl_dz{'_logp' if logp else ''}", kernels.kl_dz_kernel, sig,
+               {**kl_flags, "LOGP": logp, **kt.constexprs()}, kt.launch())
 
 
 def _resource_usage(cubin: bytes) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .functions import LinearKL, LinearLogProbs
+from .functions import LinearLogProbs, LinearLogProbsKL
 from .losses import LOSSES, Pairs, check_loss_args
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -56,33 +56,37 @@ def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, b
     if needs_ref and not has_fused_ref and ref_logps is None:
         raise ValueError(f"loss_type {types} needs a reference: pass ref_logps [2B] or ref_hidden/ref_weight")
 
-    # 1. policy: per-token log-probs (fused) summed per sequence, plus metric statistics
-    logps, stats = _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, True)
-    two_b = logps.shape[0]
+    expo_vocab = any(LOSSES[t].fn is LOSSES["expo"].fn for t in types) and params.get("expo_kl") == "vocab"
+    if expo_vocab and not has_fused_ref:
+        raise ValueError("loss_type 'expo' with expo_kl='vocab' needs ref_hidden/ref_weight (the exact "
+                         "KL runs over the reference head's vocabulary); use expo_kl='sequence' with ref_logps")
+    if has_fused_ref:
+        _check_batch(ref_hidden, targets, "ref_hidden")
+    two_b = hidden.shape[0]
+    if ref_logps is not None and (not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (two_b,)):
+        raise ValueError(f"ref_logps must be a tensor of shape [2B]=[{two_b}], got "
+                         f"{getattr(ref_logps, 'shape', type(ref_logps).__name__)}")
+
+    kl = ref = None
+    if expo_vocab:
+        # 1+2+3 in one pass over both heads: the policy's per-token log-probs (and metric
+        # statistics), the reference's, and EXPO's exact vocabulary KL(p_ref || p_theta)
+        logp, ref_logp, kl_tok, stats = LinearLogProbsKL.apply(
+            hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
+            backend, True)
+        logps, ref, kl = logp.sum(-1), ref_logp.sum(-1), kl_tok.sum(-1)
+    else:
+        # 1. policy: per-token log-probs (fused) summed per sequence, plus metric statistics
+        logps, stats = _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, True)
+        # 2. reference: the fused kernel forward-only, or precomputed
+        if has_fused_ref:
+            ref = reference_logps(ref_hidden, ref_weight, targets, ref_bias=ref_bias,
+                                  ignore_index=ignore_index, softcap=softcap, backend=backend)
+        elif ref_logps is not None:
+            ref = ref_logps.detach().to(device=logps.device, dtype=logps.dtype)
     b = two_b // 2
     mask = targets != ignore_index
     lengths = mask.sum(-1).to(logps.dtype).clamp(min=1)
-
-    # 2. reference: precomputed, or the fused kernel forward-only
-    ref = None
-    if has_fused_ref:
-        _check_batch(ref_hidden, targets, "ref_hidden")
-        ref = reference_logps(ref_hidden, ref_weight, targets, ref_bias=ref_bias,
-                              ignore_index=ignore_index, softcap=softcap, backend=backend)
-    elif ref_logps is not None:
-        if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (two_b,):
-            raise ValueError(f"ref_logps must be a tensor of shape [2B]=[{two_b}], got "
-                             f"{getattr(ref_logps, 'shape', type(ref_logps).__name__)}")
-        ref = ref_logps.detach().to(device=logps.device, dtype=logps.dtype)
-
-    # 3. EXPO's exact vocabulary KL(p_ref || p_theta) per token, summed per sequence
-    kl = None
-    if any(LOSSES[t].fn is LOSSES["expo"].fn for t in types) and params.get("expo_kl") == "vocab":
-        if not has_fused_ref:
-            raise ValueError("loss_type 'expo' with expo_kl='vocab' needs ref_hidden/ref_weight (the exact "
-                             "KL runs over the reference head's vocabulary); use expo_kl='sequence' with ref_logps")
-        kl = LinearKL.apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
-                            softcap, backend).sum(-1)
 
     pairs = Pairs(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
                   lengths[:b], lengths[b:], float(beta), float(label_smoothing), params,

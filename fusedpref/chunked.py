@@ -31,6 +31,14 @@ def _target_in_chunk(z, y, v0, v1):
     return torch.where(inside, z.gather(1, local[:, None]).squeeze(1), 0.0)
 
 
+def _shifted_pz(pz, alpha, m, m_new, l, p, z):
+    """Online update of sum_v exp(z - m) (z - m) (the entropy's E_p[z], kept relative to the
+    running max so that it does not cancel against lse in fp32): rescale to the new max, then
+    add this chunk. l is the running sum *before* this chunk; z is overwritten."""
+    carried = torch.where(l > 0, m - m_new, 0.0) * l       # 0 before the first chunk (m = -inf)
+    return alpha * (pz + carried) + torch.einsum("ij,ij->i", p, z.sub_(m_new[:, None]))
+
+
 def logprob_forward(h, w, b, y, softcap, with_stats: bool):
     n = h.shape[0]
     vocab = w.shape[0]
@@ -51,9 +59,10 @@ def logprob_forward(h, w, b, y, softcap, with_stats: bool):
         if with_stats:
             zsum += z.sum(1)
         p = z.sub(m_new[:, None]).exp_()                  # one chunk-sized temporary
+        if with_stats:
+            pz = _shifted_pz(pz, alpha, m, m_new, l, p, z)
         l = l * alpha + p.sum(1)
         if with_stats:
-            pz = pz * alpha + torch.einsum("ij,ij->i", p, z)
             better = cmax > amax
             aidx = torch.where(better, carg + v0, aidx)
             amax = torch.where(better, cmax, amax)
@@ -61,7 +70,7 @@ def logprob_forward(h, w, b, y, softcap, with_stats: bool):
     lse = m + torch.log(l)
     stats = None
     if with_stats:
-        stats = torch.stack([zsum, lse - pz / l, (aidx == y).float()], dim=1)
+        stats = torch.stack([zsum, torch.log(l) - pz / l, (aidx == y).float()], dim=1)
     return zy - lse, lse, stats
 
 
@@ -103,38 +112,72 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
     return head_backward(h, w, need_h, need_w, need_b, chunk_dz)
 
 
-def kl_forward(h, w, b, rh, rw, rb, softcap):
+def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False):
+    """As fusedpref.ops.kl_forward: (kl, lse, rlse, logp, ref_logp, stats)."""
     n = h.shape[0]
     vocab = w.shape[0]
+    logp_on = y is not None
+    if with_stats and not logp_on:
+        raise ValueError("with_stats needs the targets y")
     hf, rhf = h.float(), rh.float()
     inf = torch.full((n,), float("-inf"), device=h.device)
     m_z, l_z, m_r, l_r, a = inf, torch.zeros_like(inf), inf, torch.zeros_like(inf), torch.zeros_like(inf)
-    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32, default_mb=8)):
+    zy, ry = torch.zeros_like(l_z), torch.zeros_like(l_z)
+    if with_stats:
+        zsum, pz, amax = torch.zeros_like(l_z), torch.zeros_like(l_z), inf.clone()
+        aidx = torch.zeros(n, dtype=torch.long, device=h.device)
+    # two heads' chunks live at once: half the columns per chunk
+    for v0, v1 in vocab_chunks(vocab, max(1, vocab_chunk_cols(n, vocab, _F32, default_mb=8) // 2)):
         z = chunk_logits(hf, w, b, softcap, v0, v1)
         r = chunk_logits(rhf, rw, rb, softcap, v0, v1)
-        mz = torch.maximum(m_z, z.amax(1))
-        l_z = l_z * torch.exp(m_z - mz) + torch.exp(z - mz[:, None]).sum(1)
+        if logp_on:
+            zy += _target_in_chunk(z, y, v0, v1)
+            ry += _target_in_chunk(r, y, v0, v1)
+        cmax, carg = z.max(dim=1)
+        mz = torch.maximum(m_z, cmax)
+        alpha_z = torch.exp(m_z - mz)
+        p = torch.exp(z - mz[:, None])
+        if with_stats:
+            zsum += z.sum(1)
+            pz = _shifted_pz(pz, alpha_z, m_z, mz, l_z, p, z.clone())
+        l_z = l_z * alpha_z + p.sum(1)
+        if with_stats:
+            better = cmax > amax
+            aidx = torch.where(better, carg + v0, aidx)
+            amax = torch.where(better, cmax, amax)
         m_z = mz
         mr = torch.maximum(m_r, r.amax(1))
         alpha = torch.exp(m_r - mr)
         pr = torch.exp(r - mr[:, None])
         l_r = l_r * alpha + pr.sum(1)
-        a = a * alpha + (pr * (r - z)).sum(1)
+        a = a * alpha + torch.einsum("ij,ij->i", pr, r.sub_(z))
         m_r = mr
     lse, rlse = m_z + torch.log(l_z), m_r + torch.log(l_r)
-    return a / l_r - rlse + lse, lse, rlse
+    stats = torch.stack([zsum, torch.log(l_z) - pz / l_z, (aidx == y).float()], dim=1) if with_stats else None
+    return (a / l_r - rlse + lse, lse, rlse, zy - lse if logp_on else None, ry - rlse if logp_on else None,
+            stats)
 
 
-def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b):
+def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b, y=None, g_lp=None):
+    """Gradients of sum g * KL (+ sum g_lp * logp with targets y) w.r.t. the policy head."""
     g = g.float()
     rhf = rh.float()
+    if g_lp is not None:
+        g_lp = g_lp.float()
 
     def chunk_dz(hf, v0, v1):
         z = chunk_logits(hf, w, b, softcap, v0, v1)
         r = chunk_logits(rhf, rw, rb, softcap, v0, v1)
         if softcap is not None:
             cap = z.div(softcap).square_().neg_().add_(1.0)
-        dz = z.sub_(lse[:, None]).exp_().sub_(r.sub_(rlse[:, None]).exp_()).mul_(g[:, None])
+        p = z.sub_(lse[:, None]).exp_()
+        if g_lp is None:
+            dz = p.sub_(r.sub_(rlse[:, None]).exp_()).mul_(g[:, None])
+        else:   # g (p - p_ref) + g_lp (onehot - p) = (g - g_lp) p - g p_ref + g_lp onehot
+            dz = p.mul_((g - g_lp)[:, None]).sub_(r.sub_(rlse[:, None]).exp_().mul_(g[:, None]))
+            inside = (y >= v0) & (y < v1)
+            rows = inside.nonzero().squeeze(1)
+            dz[rows, y[rows] - v0] += g_lp[rows]
         if softcap is not None:
             dz.mul_(cap)
         return dz

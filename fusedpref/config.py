@@ -68,8 +68,10 @@ for _a in (8, 9):
     for _dt in (_BF, _FP, _F32):
         _bd = 32 if (_dt == _F32 or _a == 8) else 64
         TILES[("kl_fwd", _a, _dt)] = Tiles(64, 64, _bd, 8, 3)
+        TILES[("kl_fwd_stats", _a, _dt)] = Tiles(64, 64, _bd, 8, 3)   # + targets and stats
         TILES[("kl_dz", _a, _dt)] = Tiles(64, 128, _bd, 8, 3)
 TILES[("kl_dz", 8, _F32)] = Tiles(64, 64, 16, 4, 3)
+TILES[("kl_fwd_stats", 8, _F32)] = Tiles(64, 64, 16, 8, 3)     # 64 x 64 x 32 spills 48 B on sm_80
 # In the Triton interpreter (CPU tests) small tiles, so that tests at 37 tokens x hidden 72 x
 # vocab 1009 cross several row blocks, K slices and vocabulary tiles.
 _INTERPRETER_TILES = Tiles(16, 64, 32, 4, 1)
@@ -116,7 +118,8 @@ def _arch(device: torch.device) -> int:
 
 
 def tiles(kernel: str, device: torch.device, dtype: torch.dtype) -> Tiles:
-    """The fixed config of `kernel` ("fwd", "fwd_stats", "dz", "mm") for this device and dtype."""
+    """The fixed config of `kernel` ("fwd", "fwd_stats", "dz", "mm", "kl_fwd", "kl_fwd_stats",
+    "kl_dz") for this device and dtype."""
     if interpreting():
         return _INTERPRETER_TILES
     return TILES[(kernel, _arch(device), dtype)]

@@ -45,6 +45,29 @@ def _policy_grads(hidden, weight, bias, idx, n, needs, compute):
     return dh, dw, (db.to(bias.dtype) if need_b else None)
 
 
+def _check_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, ignore_index, softcap,
+                backend):
+    """Validates a policy head and a reference head over one vocabulary; (backend, softcap)."""
+    check_head(hidden, weight, bias)
+    check_head(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"))
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}: "
+                         "the two heads must share the vocabulary")
+    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ref_hidden leading dims {list(ref_hidden.shape[:-1])} must equal hidden's "
+                         f"{list(hidden.shape[:-1])}")
+    if ref_hidden.device != hidden.device:
+        raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+    check_targets(hidden, targets, weight.shape[0], ignore_index)
+    return _backend_module(resolve_backend(backend, hidden.device)), check_softcap(softcap)
+
+
+def _ref_rows(ref_hidden, ref_weight, ref_bias, idx):
+    """The reference head, detached (it never gets a gradient), at the valid rows."""
+    return (_rows(ref_hidden.detach(), idx), ref_weight.detach(),
+            None if ref_bias is None else ref_bias.detach())
+
+
 class LinearLogProbs(torch.autograd.Function):
     """logp = log_softmax(softcap(hidden @ weight.T + bias))[targets], 0 at ignore_index.
 
@@ -110,28 +133,15 @@ class LinearKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
                 ignore_index=-100, softcap=None, backend="auto"):
-        check_head(hidden, weight, bias)
-        check_head(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"))
-        if ref_weight.shape[0] != weight.shape[0]:
-            raise ValueError(f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}: "
-                             "the two heads must share the vocabulary")
-        if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
-            raise ValueError(f"ref_hidden leading dims {list(ref_hidden.shape[:-1])} must equal hidden's "
-                             f"{list(hidden.shape[:-1])}")
-        if ref_hidden.device != hidden.device:
-            raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
-        check_targets(hidden, targets, weight.shape[0], ignore_index)
-        softcap = check_softcap(softcap)
-        impl = _backend_module(resolve_backend(backend, hidden.device))
+        impl, softcap = _check_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+                                    ignore_index, softcap, backend)
         n = targets.numel()
         idx, _ = _compact(targets, ignore_index)
         kl = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        rh = _rows(ref_hidden.detach(), idx)
-        rw = ref_weight.detach()
-        rb = None if ref_bias is None else ref_bias.detach()
+        rh, rw, rb = _ref_rows(ref_hidden, ref_weight, ref_bias, idx)
         lse = rlse = kl.new_empty(0)
         if idx.numel():
-            kl_v, lse, rlse = impl.kl_forward(_rows(hidden, idx), weight, bias, rh, rw, rb, softcap)
+            kl_v, lse, rlse, *_ = impl.kl_forward(_rows(hidden, idx), weight, bias, rh, rw, rb, softcap)
             kl.index_copy_(0, idx, kl_v)
         ctx.impl, ctx.softcap, ctx.n = impl, softcap, n
         if any(ctx.needs_input_grad[i] for i in (0, 1, 5)):
@@ -153,3 +163,62 @@ def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref
     """Per-token KL(p_ref || p_theta) [targets.shape] float32; 0 where targets == ignore_index."""
     return LinearKL.apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
                           softcap, backend)
+
+
+class LinearLogProbsKL(torch.autograd.Function):
+    """The policy's and the reference's per-token log-probs and KL(p_ref || p_theta), all from one
+    pass over both heads (EXPO's per-token work; LinearLogProbs + a reference forward + LinearKL
+    would read each head three times).
+
+    apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
+    backend, with_stats) -> (logp, ref_logp, kl) float32 [*targets.shape] and stats as in
+    LinearLogProbs; 0 where ignore_index. Gradients flow to the policy (hidden, weight, bias) from
+    logp and kl, through one backward pass: dz = g_lp (onehot - p) + g_kl (p - p_ref).
+    ref_logp and stats are not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
+                ignore_index=-100, softcap=None, backend="auto", with_stats=False):
+        impl, softcap = _check_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+                                    ignore_index, softcap, backend)
+        n = targets.numel()
+        idx, y = _compact(targets, ignore_index)
+        zeros = dict(dtype=torch.float32, device=hidden.device)
+        logp, ref_logp, kl = torch.zeros(n, **zeros), torch.zeros(n, **zeros), torch.zeros(n, **zeros)
+        stats = torch.zeros((n, 3) if with_stats else (0,), **zeros)
+        rh, rw, rb = _ref_rows(ref_hidden, ref_weight, ref_bias, idx)
+        lse = rlse = kl.new_empty(0)
+        if idx.numel():
+            kl_v, lse, rlse, logp_v, ref_v, stats_v = impl.kl_forward(
+                _rows(hidden, idx), weight, bias, rh, rw, rb, softcap, y=y, with_stats=with_stats)
+            for out, v in ((kl, kl_v), (logp, logp_v), (ref_logp, ref_v)):
+                out.index_copy_(0, idx, v)
+            if with_stats:
+                stats.index_copy_(0, idx, stats_v)
+        ctx.impl, ctx.softcap, ctx.n = impl, softcap, n
+        if any(ctx.needs_input_grad[i] for i in (0, 1, 5)):
+            ctx.save_for_backward(hidden, weight, bias, rh, rw, rb, idx, y, lse, rlse)
+        shape = targets.shape
+        ref_logp, stats = ref_logp.view(shape), stats.view(*shape, 3) if with_stats else stats
+        ctx.mark_non_differentiable(ref_logp, stats)   # the returned tensors themselves
+        return logp.view(shape), ref_logp, kl.view(shape), stats
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_ref, grad_kl, _grad_stats):
+        hidden, weight, bias, rh, rw, rb, idx, y, lse, rlse = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5])
+        g_lp = grad_logp.reshape(-1).index_select(0, idx)  # autograd materialises zero grads
+        g_kl = grad_kl.reshape(-1).index_select(0, idx)
+        dh, dw, db = _policy_grads(hidden, weight, bias, idx, ctx.n, needs, lambda rows: ctx.impl.kl_backward(
+            rows, weight, bias, rh, rw, rb, lse, rlse, g_kl, ctx.softcap, *needs, y=y, g_lp=g_lp))
+        return dh, dw, None, None, None, db, None, None, None, None, None
+
+
+def linear_logprobs_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
+                       ignore_index=-100, softcap=None, backend="auto"):
+    """(logp, ref_logp, kl), each float32 [targets.shape], from one pass over both heads;
+    0 where targets == ignore_index. Gradients reach the policy head through logp and kl."""
+    logp, ref_logp, kl, _ = LinearLogProbsKL.apply(hidden, weight, ref_hidden, ref_weight, targets, bias,
+                                                   ref_bias, ignore_index, softcap, backend, False)
+    return logp, ref_logp, kl

@@ -11,6 +11,7 @@ import triton
 from . import config
 from ._chunks import vocab_chunk_cols, vocab_chunks
 from .kernels import kl_dz_kernel, kl_fwd_kernel, logprob_dz_kernel, logprob_fwd_kernel, mm_acc_kernel
+from .kernels.kl import PLANES as KL_PLANES
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -40,7 +41,10 @@ def combine_splits(part: torch.Tensor, arg: torch.Tensor | None, y: torch.Tensor
     stats = None
     if arg is not None:
         logit_sum = part[3].sum(0)
-        entropy = lse - (part[4] * scale).sum(0) / total
+        # per split S_s = sum exp(z - m_s)(z - m_s); shifted to the overall max M:
+        # sum exp(z - M)(z - M) = sum_s scale_s (S_s + (m_s - M) l_s); H = log total - that / total
+        shifted = (scale * (part[4] + (part[0] - part[0].amax(0)) * part[1])).sum(0)
+        entropy = torch.log(total) - shifted / total
         best = part[5].argmax(0, keepdim=True)          # first split holding the max
         hit = (arg.gather(0, best).squeeze(0).long() == y).float()
         stats = torch.stack([logit_sum, entropy, hit], dim=1)
@@ -145,46 +149,66 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
     return chunked_head_backward(h, w, need_h, need_w, need_b, fill)
 
 
-def kl_forward(h, w, b, rh, rw, rb, softcap):
-    """Per-row KL(p_ref || p_theta) [Nv] and both log-sum-exps (fp32) for compacted rows."""
+def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False):
+    """Per-row KL(p_ref || p_theta) [Nv] and both log-sum-exps (fp32) for compacted rows; with
+    targets y also the policy's and the reference's log-probs [Nv], and with_stats the policy's
+    stats [Nv, 3] (as logprob_forward) — all from one pass over both heads. Returns
+    (kl, lse, rlse, logp, ref_logp, stats), None where not asked for."""
     n, d = h.shape
     vocab = w.shape[0]
-    tiles = config.tiles("kl_fwd", h.device, h.dtype)
+    logp_on = y is not None
+    if with_stats and not logp_on:
+        raise ValueError("with_stats needs the targets y")
+    tiles = config.tiles("kl_fwd_stats" if with_stats else "kl_fwd", h.device, h.dtype)
     n_blocks, v_per_split, splits = _splits(n, vocab, tiles, h.device)
-    part = config.empty((5, splits, n), torch.float32, h.device)
+    part = config.empty((len(KL_PLANES), splits, n), torch.float32, h.device)
+    arg = config.empty((splits, n), torch.int32, h.device) if with_stats else None
     kl_fwd_kernel[(n_blocks, splits)](
-        h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh, part,
+        h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh,
+        y if logp_on else part, part, arg if arg is not None else part,
         n, vocab, d, rh.shape[1], v_per_split, splits,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1),
         rh.stride(0), rh.stride(1), rw.stride(0), rw.stride(1),
         softcap if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_REF_BIAS=rb is not None, HAS_SOFTCAP=softcap is not None,
+        LOGP=logp_on, STATS=with_stats,
         DOT_FP32=_dot_fp32(h.dtype), REF_DOT_FP32=_dot_fp32(rh.dtype),
         **tiles.constexprs(), **tiles.launch(),
     )
-    lse, _, _ = _lse(part[0], part[1])
-    rlse, rscale, rtotal = _lse(part[2], part[3])
-    kl = (part[4] * rscale).sum(0) / rtotal - rlse + lse
-    return kl, lse, rlse
+    logp = stats = ref_logp = None
+    if logp_on:  # planes 0..5 are laid out as logprob_fwd_kernel's
+        logp, lse, stats = combine_splits(part[:6], arg, y)
+    else:
+        lse, _, _ = _lse(part[KL_PLANES["m_z"]], part[KL_PLANES["l_z"]])
+    rlse, rscale, rtotal = _lse(part[KL_PLANES["m_r"]], part[KL_PLANES["l_r"]])
+    kl = (part[KL_PLANES["a"]] * rscale).sum(0) / rtotal - rlse + lse
+    if logp_on:
+        ref_logp = part[KL_PLANES["ry"]].sum(0) - rlse
+    return kl, lse, rlse, logp, ref_logp, stats
 
 
-def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b):
-    """Gradients of sum_i g_i * KL_i w.r.t. the policy's h, w, b."""
+def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b, y=None, g_lp=None):
+    """Gradients of sum_i g_i * KL_i (+ sum_i g_lp_i * logp_i, given targets y) w.r.t. the
+    policy's h, w, b: one recompute of both heads for the two terms."""
     n, d = h.shape
     vocab = w.shape[0]
     g = g.float().contiguous()
+    logp_on = g_lp is not None
+    if logp_on:
+        g_lp = g_lp.float().contiguous()
     tiles = config.tiles("kl_dz", h.device, h.dtype)
 
     def fill(dzc, v0, v1):
         grid = (triton.cdiv(n, tiles.BLOCK_N), triton.cdiv(v1 - v0, tiles.BLOCK_V))
         kl_dz_kernel[grid](
-            h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh, lse, rlse, g, dzc,
+            h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh, lse, rlse, g,
+            y if logp_on else g, g_lp if logp_on else g, dzc,
             n, vocab, d, rh.shape[1], v0, v1 - v0,
             h.stride(0), h.stride(1), w.stride(0), w.stride(1),
             rh.stride(0), rh.stride(1), rw.stride(0), rw.stride(1), dzc.stride(0),
             softcap if softcap is not None else 1.0,
             HAS_BIAS=b is not None, HAS_REF_BIAS=rb is not None, HAS_SOFTCAP=softcap is not None,
-            DOT_FP32=_dot_fp32(h.dtype), REF_DOT_FP32=_dot_fp32(rh.dtype),
+            LOGP=logp_on, DOT_FP32=_dot_fp32(h.dtype), REF_DOT_FP32=_dot_fp32(rh.dtype),
             **tiles.constexprs(), **tiles.launch(),
         )
 

@@ -1,29 +1,39 @@
-"""Exact per-token KL(p_ref || p_theta) over the vocabulary between two linear heads.
+"""Exact per-token KL(p_ref || p_theta) over the vocabulary between two linear heads, and
+optionally both heads' target log-probs and the policy's statistics in the same pass (EXPO's
+whole per-token work: one read of each head instead of three).
 
 Forward (per valid row i, vocabulary split s), with z = policy logits, r = reference logits
 (each from its own hidden state and weight; the hidden sizes and dtypes may differ):
     online log-sum-exp of z (m_z, l_z) and of r (m_r, l_r), and
     a = sum_v exp(r_v - m_r) (r_v - z_v)          (rescaled with l_r when m_r grows)
-  The host combines splits: KL = a / l_r - lse_r + lse_z  (= E_{p_ref}[r - z] - lse_r + lse_z).
+  LOGP adds the target logits z[y_i], r[y_i]; STATS the policy's sum of logits, unnormalised
+  E_p[z] and first argmax (as in logprobs.py). Partials go to fixed planes (PLANES below); the
+  host combines splits: KL = a / l_r - lse_r + lse_z  (= E_{p_ref}[r - z] - lse_r + lse_z),
+  logp = z[y] - lse_z, ref_logp = r[y] - lse_r.
 
-Backward (policy only; the reference gets no gradient):
-    dz[i, v] = g_i * (softmax(z)_v - softmax(r)_v) * dcap(z)
+Backward (policy only; the reference gets no gradient), for g = dL/dKL and, with LOGP,
+g_lp = dL/dlogp:
+    dz[i, v] = (g_i (softmax(z)_v - softmax(r)_v) + g_lp_i (onehot(y_i)_v - softmax(z)_v)) * dcap(z)
 """
 import triton
 import triton.language as tl
 
 from .tiles import logit_tile
 
+# plane of each partial in part[plane, split, row]; 0..5 match logprob_fwd_kernel's layout
+PLANES = {"m_z": 0, "l_z": 1, "zy": 2, "zsum": 3, "pz": 4, "amax": 5, "m_r": 6, "l_r": 7, "a": 8, "ry": 9}
+
 
 @triton.jit
 def kl_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, part_ptr,
+    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, y_ptr, part_ptr, arg_ptr,
     N, V, D, RD, v_per_split, n_splits,
     stride_hn, stride_hd, stride_wv, stride_wd,
     stride_rhn, stride_rhd, stride_rwv, stride_rwd,
     softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    LOGP: tl.constexpr, STATS: tl.constexpr,
     DOT_FP32: tl.constexpr, REF_DOT_FP32: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
@@ -39,6 +49,15 @@ def kl_fwd_kernel(
     m_r = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     l_r = tl.zeros((BLOCK_N,), tl.float32)
     a = tl.zeros((BLOCK_N,), tl.float32)
+    if LOGP:
+        y = tl.load(y_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+        zy = tl.zeros((BLOCK_N,), tl.float32)
+        ry = tl.zeros((BLOCK_N,), tl.float32)
+    if STATS:
+        zsum = tl.zeros((BLOCK_N,), tl.float32)
+        pz = tl.zeros((BLOCK_N,), tl.float32)
+        amax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        aidx = tl.zeros((BLOCK_N,), tl.int32)
     v_start = pid_s * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -51,12 +70,19 @@ def kl_fwd_kernel(
                        rb_ptr + v0, softcap, row_mask, col_mask, RD,
                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF_BIAS, HAS_SOFTCAP, REF_DOT_FP32)
         diff = tl.where(col_mask[None, :], r - z, 0.0)
+        if STATS:
+            z0 = tl.where(col_mask[None, :], z, 0.0)   # p is 0 there; avoid 0 * -inf
         z = tl.where(col_mask[None, :], z, float("-inf"))
         r = tl.where(col_mask[None, :], r, float("-inf"))
         # 2. online log-sum-exp of the policy
-        mz_new = tl.maximum(m_z, tl.max(z, axis=1))
-        l_z = l_z * tl.exp(m_z - mz_new) + tl.sum(tl.exp(z - mz_new[:, None]), axis=1)
-        m_z = mz_new
+        tile_max = tl.max(z, axis=1)
+        mz_new = tl.maximum(m_z, tile_max)
+        alpha_z = tl.exp(m_z - mz_new)
+        p = tl.exp(z - mz_new[:, None])
+        if STATS:   # unnormalised E_p[z - m_z], relative to the running max (see logprobs.py)
+            zm = tl.where(col_mask[None, :], z - mz_new[:, None], 0.0)
+            pz = alpha_z * (pz + tl.where(l_z > 0, m_z - mz_new, 0.0) * l_z) + tl.sum(p * zm, axis=1)
+        l_z = l_z * alpha_z + tl.sum(p, axis=1)
         # 3. online log-sum-exp of the reference and the unnormalised E_ref[r - z]
         mr_new = tl.maximum(m_r, tl.max(r, axis=1))
         alpha = tl.exp(m_r - mr_new)
@@ -64,25 +90,46 @@ def kl_fwd_kernel(
         l_r = l_r * alpha + tl.sum(pr, axis=1)
         a = a * alpha + tl.sum(pr * diff, axis=1)
         m_r = mr_new
-    # 4. partials [field, split, row]
+        # 4. target logits of both heads (one tile of one split holds the target)
+        if LOGP:
+            hit = offs_v[None, :] == (y - v0).to(tl.int32)[:, None]
+            zy += tl.sum(tl.where(hit, z, 0.0), axis=1)
+            ry += tl.sum(tl.where(hit, r, 0.0), axis=1)
+        # 5. policy statistics: sum of logits, first argmax
+        if STATS:
+            zsum += tl.sum(z0, axis=1)
+            tile_arg = (tl.argmax(z, axis=1) + v0).to(tl.int32)
+            better = tile_max > amax
+            aidx = tl.where(better, tile_arg, aidx)
+            amax = tl.where(better, tile_max, amax)
+        m_z = mz_new
+    # 6. partials [plane, split, row] (planes as in PLANES)
     plane = n_splits * N
     out = part_ptr + pid_s * N + rows
     tl.store(out, m_z, mask=row_mask)
     tl.store(out + plane, l_z, mask=row_mask)
-    tl.store(out + 2 * plane, m_r, mask=row_mask)
-    tl.store(out + 3 * plane, l_r, mask=row_mask)
-    tl.store(out + 4 * plane, a, mask=row_mask)
+    tl.store(out + 6 * plane, m_r, mask=row_mask)
+    tl.store(out + 7 * plane, l_r, mask=row_mask)
+    tl.store(out + 8 * plane, a, mask=row_mask)
+    if LOGP:
+        tl.store(out + 2 * plane, zy, mask=row_mask)
+        tl.store(out + 9 * plane, ry, mask=row_mask)
+    if STATS:
+        tl.store(out + 3 * plane, zsum, mask=row_mask)
+        tl.store(out + 4 * plane, pz, mask=row_mask)
+        tl.store(out + 5 * plane, amax, mask=row_mask)
+        tl.store(arg_ptr + pid_s * N + rows, aidx, mask=row_mask)
 
 
 @triton.jit
 def kl_dz_kernel(
-    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_ptr, rlse_ptr, g_ptr, dz_ptr,
+    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_ptr, rlse_ptr, g_ptr, y_ptr, glp_ptr, dz_ptr,
     N, V, D, RD, v_lo, n_cols,
     stride_hn, stride_hd, stride_wv, stride_wd,
     stride_rhn, stride_rhd, stride_rwv, stride_rwd, stride_dzn,
     softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, LOGP: tl.constexpr,
     DOT_FP32: tl.constexpr, REF_DOT_FP32: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
@@ -104,8 +151,14 @@ def kl_dz_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     rlse = tl.load(rlse_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-    # 2. dz = g * (p_theta - p_ref), times the soft-cap derivative of the policy logits
-    dz = g[:, None] * (tl.exp(z - lse[:, None]) - tl.exp(r - rlse[:, None]))
+    # 2. dz = g * (p_theta - p_ref) [+ g_lp * (onehot - p_theta)], times the soft-cap derivative
+    #    of the policy logits
+    p = tl.exp(z - lse[:, None])
+    dz = g[:, None] * (p - tl.exp(r - rlse[:, None]))
+    if LOGP:
+        g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
+        y_local = (tl.load(y_ptr + rows, mask=row_mask, other=-1) - v0).to(tl.int32)
+        dz += g_lp[:, None] * (tl.where(offs_v[None, :] == y_local[:, None], 1.0, 0.0) - p)
     if HAS_SOFTCAP:
         c = z / softcap
         dz = dz * (1.0 - c * c)

@@ -5,8 +5,9 @@ Forward (per valid row i, vocabulary split s):
     m_s, l_s  = running max and sum_v exp(z - m_s) over the split (online log-sum-exp)
     t_s       = z[i, y_i] if y_i falls in the split else 0
   The host combines splits: lse = M + log sum_s l_s exp(m_s - M), logp = sum_s t_s - lse.
-  With STATS it also keeps sum_v z, sum_v exp(z - m_s) z (for the entropy
-  H = lse - E_p[z]) and the first argmax of z.
+  With STATS it also keeps sum_v z, S_s = sum_v exp(z - m_s) (z - m_s) (for the entropy
+  H = lse - E_p[z] = log l - S / l, free of the cancellation of lse against E_p[z]) and the
+  first argmax of z. When the max grows to m', S' = e^(m - m') (S + (m - m') l) + new terms.
 
 Backward (logit gradient for one vocabulary chunk, from the saved lse):
     dz[i, v] = g_i * (onehot(y_i)[v] - exp(z[i, v] - lse_i)) * dcap[i, v]
@@ -61,19 +62,20 @@ def logprob_fwd_kernel(
         m_new = tl.maximum(m, tile_max)
         alpha = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        # 3. the target logit (exactly one tile of one split holds it)
-        y_local = (y - v0).to(tl.int32)
-        zy += tl.sum(tl.where(offs_v[None, :] == y_local[:, None], z, 0.0), axis=1)
         if STATS:
-            # 4. sum of logits, unnormalised E_p[z] (same rescaling), first argmax
-            z0 = tl.where(col_mask[None, :], z, 0.0)   # p is 0 there; avoid 0 * -inf
-            zsum += tl.sum(z0, axis=1)
-            pz = pz * alpha + tl.sum(p * z0, axis=1)
+            # 4. sum of logits, unnormalised E_p[z - m] kept relative to the running max (no
+            #    cancellation against lse in fp32), first argmax
+            zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+            zm = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)   # p is 0 there; no 0 * -inf
+            pz = alpha * (pz + tl.where(l > 0, m - m_new, 0.0) * l) + tl.sum(p * zm, axis=1)
             tile_arg = (tl.argmax(z, axis=1) + v0).to(tl.int32)
             better = tile_max > amax
             aidx = tl.where(better, tile_arg, aidx)
             amax = tl.where(better, tile_max, amax)
+        l = l * alpha + tl.sum(p, axis=1)
+        # 3. the target logit (exactly one tile of one split holds it)
+        y_local = (y - v0).to(tl.int32)
+        zy += tl.sum(tl.where(offs_v[None, :] == y_local[:, None], z, 0.0), axis=1)
         m = m_new
 
     # 5. partials [field, split, row]; the host combines the splits

@@ -1,6 +1,6 @@
 """Run in a subprocess by test_memory.py: peak-RSS increase of one forward+backward.
 
-usage: python memory_probe.py {eager|fused|eager_kl|fused_kl} N D V
+usage: python memory_probe.py {eager|fused}[_kl|_logprobs_kl] N D V
 Prints JSON {"raise_mb": ...}. MALLOC_MMAP_THRESHOLD_ must be set by the caller so that freed
 large blocks go back to the OS and the peak tracks live memory.
 """
@@ -38,8 +38,15 @@ def main():
         out = fusedpref.linear_logprobs(h, w, y, backend="torch")
     elif mode == "eager_kl":
         out = eager_kl(h, w, rh, rw, y)
-    else:
+    elif mode == "fused_kl":
         out = fusedpref.linear_kl(h, w, rh, rw, y, backend="torch")
+    elif mode == "eager_logprobs_kl":   # EXPO's per-token work, eagerly
+        out = eager_logprobs(h, w, y) + eager_kl(h, w, rh, rw, y) + eager_logprobs(rh, rw, y).detach()
+    elif mode == "fused_logprobs_kl":
+        logp, ref_logp, kl = fusedpref.linear_logprobs_kl(h, w, rh, rw, y, backend="torch")
+        out = logp + kl + ref_logp
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
     out.backward(g)
     print(json.dumps({"raise_mb": rss_peak_mb() - base, "base_mb": base,
                       "grad_mb": (h.grad.numel() + w.grad.numel()) * 4 / 2**20}))

@@ -30,3 +30,24 @@ def test_flops_follow_valid_rows(frozen):
     assert fwd == 2 * nv * D * V
     assert bwd == (4 if frozen else 6) * nv * D * V
     assert (w.grad is None) == frozen
+
+
+def test_expo_vocab_reads_each_head_once_per_pass():
+    """EXPO's exact-KL loss through preference_loss: the forward computes the policy and the
+    reference logits once each (2 + 2), the backward recomputes both once (2 + 2) and does dW
+    and dH (2 + 2): 12 * Nv * D * V in all (three separate primitives would do 22)."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 16, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g, requires_grad=True)
+    rh, rw = torch.randn(4, 16, D, generator=g), torch.randn(V, D, generator=g)
+    y = torch.randint(0, V, (4, 16), generator=g)
+    y[:, :6] = -100
+    nv = int((y != -100).sum())
+    out = {}
+    fwd = _count(lambda: out.setdefault("loss", fusedpref.preference_loss(
+        h, w, y, loss_type="expo", ref_hidden=rh, ref_weight=rw, backend="torch")[0]))
+    bwd = _count(lambda: out["loss"].backward())
+    # + the two row-wise dot products over V (E_ref[r - z] for the KL, E_p[z] for the entropy
+    #   metric), which FlopCounterMode counts as einsums: 2 * (2 * Nv * V)
+    assert fwd == 4 * nv * D * V + 4 * nv * V
+    assert bwd == 8 * nv * D * V

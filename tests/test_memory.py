@@ -21,9 +21,9 @@ def _raise_mb(mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["logprobs", "kl"])
+@pytest.mark.parametrize("kind", ["logprobs", "kl", "logprobs_kl"])
 def test_peak_memory_far_below_eager(kind):
-    suffix = "" if kind == "logprobs" else "_kl"
+    suffix = "" if kind == "logprobs" else "_" + kind
     eager = _raise_mb("eager" + suffix)
     fused = _raise_mb("fused" + suffix)
     logits_mb = N * V * 4 / 2**20
