@@ -26,7 +26,8 @@ fi
 
 status=0
 # 1. the suite on the GPU (kernels compiled for real; AOT and CPU-memory tests included)
-timeout 300 "$PY" -m pytest -q -x tests -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
+# (no -x: device time is scarce, so one run reports every failure; --durations shows the slow ones)
+timeout 300 "$PY" -m pytest -q tests -p no:cacheprovider --durations=15 --junitxml="$OUT/pytest.xml" \
     > "$OUT/pytest.log" 2>&1 || status=1
 tail -n 30 "$OUT/pytest.log"
 # 2. the core table: N = 8 x 2048 = 16384 tokens, all valid
