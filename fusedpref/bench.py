@@ -41,40 +41,66 @@ CPU_DEFAULT_PROVIDERS = ("eager", "fused-torch")
 
 # ----------------------------------------------------------------------------- inputs
 
-def make_inputs(pairs, seq, d, v, dtype, device, prompt_frac=0.5, seed=0):
-    """hidden [2B, T, D], weight [V, D], targets [2B, T] (first prompt_frac of each row ignored),
-    precomputed reference log-probs [2B], upstream grad scale."""
+def is_expo(loss_type):
+    """EXPO/TYPO with its default exact vocabulary KL: needs a reference head, not ref log-probs."""
+    from .losses import LOSSES
+
+    return LOSSES[loss_type].fn is LOSSES["expo"].fn and LOSSES[loss_type].params.get("expo_kl") == "vocab"
+
+
+def make_inputs(pairs, seq, d, v, dtype, device, prompt_frac=0.5, seed=0, ref_head=False):
+    """hidden [2B, T, D], weight [V, D], targets [2B, T] (first prompt_frac of each row ignored)
+    and the reference: precomputed log-probs [2B], or with ref_head a reference head
+    (ref_hidden [2B, T, D], ref_weight [V, D]) for EXPO's vocabulary KL."""
     g = torch.Generator().manual_seed(seed)
     n = 2 * pairs
     hidden = torch.randn(n, seq, d, generator=g).to(dtype)
     weight = (torch.randn(v, d, generator=g) * (1.0 / d ** 0.5)).to(dtype)
     targets = torch.randint(0, v, (n, seq), generator=g)
     targets[:, : int(seq * prompt_frac)] = -100
-    ref_logps = -torch.rand(n, generator=g) * seq * 2
-    return [t.to(device) for t in (hidden, weight, targets, ref_logps)]
+    ref = (-torch.rand(n, generator=g) * seq * 2).to(device)
+    if ref_head:
+        ref = (torch.randn(n, seq, d, generator=g).to(dtype).to(device),
+               (torch.randn(v, d, generator=g) * (1.0 / d ** 0.5)).to(dtype).to(device))
+    return hidden.to(device), weight.to(device), targets.to(device), ref
 
 
-def flop_count(targets, d, v):
-    """8 * N_valid * D * V: forward, recompute, dW and dH matmuls of a trainable head."""
-    return 8 * int((targets != -100).sum()) * d * v
+def flop_count(targets, d, v, expo=False, frozen=False):
+    """The useful matmul work per forward+backward, in units of N_valid * D * V: 8 for a trainable
+    head (forward, recompute, dW, dH), 6 frozen; EXPO's one pass over two heads: 12, frozen 10."""
+    units = (12 if expo else 8) - (2 if frozen else 0)
+    return units * int((targets != -100).sum()) * d * v
 
 
 # ----------------------------------------------------------------------------- providers
 
-def _pair_loss(seq_logps, ref_logps, loss_type, beta):
+def _pair_loss(seq_logps, ref_logps, targets, loss_type, beta, kl=None):
     from .losses import LOSSES, Pairs
 
     b = seq_logps.shape[0] // 2
-    ones = torch.ones(b, device=seq_logps.device)
-    p = Pairs(seq_logps[:b], seq_logps[b:], ref_logps[:b], ref_logps[b:], ones, ones, beta, 0.0,
-              dict(LOSSES[loss_type].params))
+    lengths = (targets != -100).sum(-1).to(seq_logps.dtype).clamp(min=1)
+    p = Pairs(seq_logps[:b], seq_logps[b:], ref_logps[:b], ref_logps[b:], lengths[:b], lengths[b:], beta,
+              0.0, dict(LOSSES[loss_type].params), None if kl is None else kl[:b], None if kl is None else kl[b:])
     return LOSSES[loss_type].fn(p).mean()
 
 
-def _eager_loss(hidden, weight, targets, ref_logps, loss_type, beta):
-    from .reference import eager_logprobs
+def _eager_loss(hidden, weight, targets, ref, loss_type, beta):
+    """Full logits, TRL's way; with a reference head each head's logits are computed once and the
+    per-token KL comes from the two full log-softmaxes."""
+    from .reference import eager_logits, eager_logprobs
 
-    return _pair_loss(eager_logprobs(hidden, weight, targets).sum(-1), ref_logps, loss_type, beta)
+    if not isinstance(ref, tuple):
+        return _pair_loss(eager_logprobs(hidden, weight, targets).sum(-1), ref, targets, loss_type, beta)
+    rh, rw = ref
+    mask = targets != -100
+    safe = torch.where(mask, targets, 0).unsqueeze(-1)
+    lp = torch.log_softmax(eager_logits(hidden, weight), -1)
+    with torch.no_grad():
+        lr = torch.log_softmax(eager_logits(rh, rw), -1)
+    logps = (lp.gather(-1, safe).squeeze(-1) * mask).sum(-1)
+    ref_logps = (lr.gather(-1, safe).squeeze(-1) * mask).sum(-1)
+    kl = ((lr.exp() * (lr - lp)).sum(-1) * mask).sum(-1) if is_expo(loss_type) else None
+    return _pair_loss(logps, ref_logps, targets, loss_type, beta, kl)
 
 
 def available(provider, device):
@@ -94,7 +120,7 @@ def available(provider, device):
 
 
 def loss_fn(provider, loss_type, beta):
-    """A callable (hidden, weight, targets, ref_logps) -> scalar loss."""
+    """A callable (hidden, weight, targets, ref) -> scalar loss; ref as make_inputs returns it."""
     import fusedpref
 
     if provider == "eager":
@@ -106,8 +132,11 @@ def loss_fn(provider, loss_type, beta):
         return lambda h, w, y, r: compiled(h, w, y, r, loss_type, beta)
     if provider in ("fused-torch", "fused-triton"):
         backend = provider.split("-")[1]
-        return lambda h, w, y, r: fusedpref.preference_loss(h, w, y, loss_type=loss_type, beta=beta,
-                                                            ref_logps=r, backend=backend)[0]
+
+        def fused(h, w, y, r):
+            ref = dict(ref_hidden=r[0], ref_weight=r[1]) if isinstance(r, tuple) else dict(ref_logps=r)
+            return fusedpref.preference_loss(h, w, y, loss_type=loss_type, beta=beta, backend=backend, **ref)[0]
+        return fused
     if provider == "liger":
         if loss_type != "sigmoid":
             raise ValueError("the liger provider is benchmarked with loss_type='sigmoid' only")
@@ -124,11 +153,13 @@ def loss_fn(provider, loss_type, beta):
             return out[0] if isinstance(out, tuple) else out
         return liger
     if provider == "cce":
+        if is_expo(loss_type):
+            raise ValueError("the cce provider gives per-token NLL only: no vocabulary KL for expo")
         from cut_cross_entropy import linear_cross_entropy
 
         def cce(h, w, y, r):
             nll = linear_cross_entropy(h, w, y, reduction="none", ignore_index=-100)
-            return _pair_loss(-nll.float().sum(-1), r, loss_type, beta)
+            return _pair_loss(-nll.float().sum(-1), r, y, loss_type, beta)
         return cce
     raise ValueError(f"unknown provider {provider!r}; choose from {ALL_PROVIDERS}")
 
@@ -148,7 +179,7 @@ def _median_ms(fn, reps, warmup=True):
 
 def measure(provider, shape, dtype, device, loss_type, beta, reps, frozen=False, prompt_frac=0.5):
     """fwd/bwd/total ms and extra memory (MB) of one provider at one shape (in this process)."""
-    h, w, y, r = make_inputs(*shape, dtype, device, prompt_frac)
+    h, w, y, r = make_inputs(*shape, dtype, device, prompt_frac, ref_head=is_expo(loss_type))
     h.requires_grad_()
     w.requires_grad_(not frozen)
     fn = loss_fn(provider, loss_type, beta)
@@ -186,7 +217,7 @@ def measure(provider, shape, dtype, device, loss_type, beta, reps, frozen=False,
     return {"n_valid": int((y != -100).sum()), "fwd_ms": t_fwd, "bwd_ms": max(0.0, t_all - t_fwd),
             "fwd_bwd_ms": t_all, "peak_mb": peak,
             "extra_mb": peak - grads_mb,
-            "flops": flop_count(y, shape[2], shape[3]) * (0.75 if frozen else 1.0)}
+            "flops": flop_count(y, shape[2], shape[3], is_expo(loss_type), frozen)}
 
 
 def _status_mb(field):
@@ -289,13 +320,14 @@ def provider_ref(provider, ref_logps):
 def errors(provider, dtype, device, loss_type, beta):
     """max |error| of loss, dH, dW against the float64 eager loss at a small shape."""
     shape = (2, 64, 128, 1000)
-    h0, w0, y, r = make_inputs(*shape, dtype, device, seed=1)
+    h0, w0, y, r = make_inputs(*shape, dtype, device, seed=1, ref_head=is_expo(loss_type))
     fn = loss_fn(provider, loss_type, beta)
     h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
     loss = fn(h, w, y, r)
     dh, dw = torch.autograd.grad(loss, (h, w))
     ho, wo = h0.double().requires_grad_(), w0.double().requires_grad_()
-    ref = _eager_loss(ho, wo, y, provider_ref(provider, r).double(), loss_type, beta)
+    r64 = tuple(t.double() for t in r) if isinstance(r, tuple) else provider_ref(provider, r).double()
+    ref = _eager_loss(ho, wo, y, r64, loss_type, beta)
     rdh, rdw = torch.autograd.grad(ref, (ho, wo))
     return [abs(loss.item() - ref.item()), (dh.double() - rdh).abs().max().item(),
             (dw.double() - rdw).abs().max().item()]
@@ -344,12 +376,12 @@ TABLE_COLS = ["provider", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "extra_mb
               "err_loss", "err_dh", "err_dw", "status"]
 
 
-def print_table(rows, meta, shape, peak, n_valid):
+def print_table(rows, meta, shape, peak, n_valid, units, loss_type):
     pairs, seq, d, v = shape
     print(f"# {meta['date']}  {meta['device']}  commit {meta['commit']}  torch {meta['torch']}  "
           f"triton {meta['triton']}")
-    print(f"# {pairs} pairs x {seq} tokens ({n_valid} valid), D={d}, V={v}, {meta['dtype']}; "
-          f"measured matmul peak {peak:.3g} TFLOP/s; TFLOP/s counts 8*N_valid*D*V")
+    print(f"# {pairs} pairs x {seq} tokens ({n_valid} valid), D={d}, V={v}, {meta['dtype']}, loss {loss_type}; "
+          f"measured matmul peak {peak:.3g} TFLOP/s; TFLOP/s counts {units}*N_valid*D*V")
     print("| " + " | ".join(TABLE_COLS) + " |")
     print("|" + "---|" * len(TABLE_COLS))
     for r in rows:
@@ -411,6 +443,12 @@ def run(argv=None):
     for x in wanted:
         if x not in ALL_PROVIDERS:
             p.error(f"unknown provider {x!r}; choose from {', '.join(ALL_PROVIDERS)}")
+    from .losses import check_loss_args
+
+    try:
+        check_loss_args(a.loss_type, None, 0.0, a.beta, {})
+    except (ValueError, TypeError) as exc:
+        p.error(str(exc))
     providers = [x for x in wanted if available(x, device)]
     skipped = [x for x in wanted if x not in providers]
     shape = (a.pairs, a.seq, a.d, a.v)
@@ -461,7 +499,9 @@ def run(argv=None):
         bar.close()
     order = {p: k for k, p in enumerate(providers)}
     rows.sort(key=lambda r: order[r["provider"]])
-    print_table(rows, meta, shape, peak, 2 * a.pairs * (a.seq - int(a.seq * a.prompt_frac)))
+    n_valid = 2 * a.pairs * (a.seq - int(a.seq * a.prompt_frac))
+    units = (12 if is_expo(a.loss_type) else 8) - (2 if a.frozen else 0)
+    print_table(rows, meta, shape, peak, n_valid, units, a.loss_type)
     if skipped:
         print(f"# skipped (not available here): {', '.join(skipped)}")
     by = {r["provider"]: r for r in rows}

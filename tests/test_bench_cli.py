@@ -76,3 +76,21 @@ def test_cce_adapter_sums_per_sequence(monkeypatch):
     monkeypatch.setattr(cce, "linear_cross_entropy", functools.partial(cce.linear_cross_entropy, impl="torch_compile"))
     errs = bench.errors("cce", torch.float32, torch.device("cpu"), "sigmoid", 0.1)
     assert max(errs) < 1e-5, errs
+
+
+def test_expo_is_benchmarked_with_a_reference_head(tmp_path):
+    rows, out = _bench(tmp_path, "--providers", "eager,fused-torch", "--loss-type", "expo")
+    assert "loss expo" in out and "12*N_valid*D*V" in out
+    for r in rows.values():
+        assert r["status"] == "ok", r["status"]
+        assert float(r["err_loss"]) < 1e-4 and float(r["err_dw"]) < 1e-4 and float(r["err_dh"]) < 1e-5
+        assert float(r["flops"]) == 12 * int(r["n_valid"]) * 32 * 1000
+
+
+def test_bad_loss_configuration_is_a_usage_error():
+    for args, msg in ((["--loss-type", "nonsense"], "unknown loss_type 'nonsense'"),
+                      (["--loss-type", "exo_pair"], "needs label_smoothing"),
+                      (["--providers", "eager,nope"], "unknown provider 'nope'")):
+        proc = subprocess.run([sys.executable, "-m", "fusedpref.cli", "bench", *args], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr[-500:])
