@@ -3,7 +3,7 @@
 Providers (each computes the same policy loss on the same inputs; the reference log-probs are
 precomputed, as TRL's precompute_ref_log_probs does):
   eager         full logits in the input dtype, log_softmax in fp32, gather (TRL's way)
-  compile       torch.compile of the eager loss (GPU only)
+  compile       torch.compile of the eager loss (on the CPU only when asked for)
   fused-torch   fusedpref, chunked PyTorch backend
   fused-triton  fusedpref, Triton kernels (GPU only)
   liger         Liger-Kernel's LigerFusedLinearDPOLoss (sigmoid loss only, no reference input;
@@ -35,7 +35,8 @@ import time
 import torch
 
 ALL_PROVIDERS = ("eager", "compile", "fused-torch", "fused-triton", "liger", "cce")
-# the CPU default keeps the run under a minute on 2 cores; liger runs there too when asked for
+# the CPU default keeps the run under a minute on 2 cores; compile and liger run there too when
+# asked for (--providers)
 CPU_DEFAULT_PROVIDERS = ("eager", "fused-torch")
 
 
@@ -104,7 +105,7 @@ def _eager_loss(hidden, weight, targets, ref, loss_type, beta):
 
 
 def available(provider, device):
-    if provider in ("compile", "fused-triton", "cce") and device.type != "cuda":
+    if provider in ("fused-triton", "cce") and device.type != "cuda":
         return False
     if provider == "liger":
         try:

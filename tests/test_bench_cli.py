@@ -94,3 +94,13 @@ def test_bad_loss_configuration_is_a_usage_error():
         proc = subprocess.run([sys.executable, "-m", "fusedpref.cli", "bench", *args], capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_compile_provider_traces_the_eager_loss():
+    """torch.compile of the eager loss (the GPU's `compile` provider) compiles and agrees with the
+    float64 reference; here on the CPU's inductor backend."""
+    import torch
+    from fusedpref import bench
+
+    errs = bench.errors("compile", torch.float32, torch.device("cpu"), "sigmoid", 0.1)
+    assert max(errs) < 1e-5, errs
