@@ -364,7 +364,8 @@ def _meta(device, dtype):
         commit = "unknown"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}"
     return {"date": datetime.date.today().isoformat(), "commit": commit, "device": name,
-            "torch": torch.__version__, "triton": tv, "dtype": str(dtype).split(".")[1]}
+            "torch": torch.__version__, "triton": tv, "dtype": str(dtype).split(".")[1],
+            "chunk_mb": os.environ.get("FUSEDPREF_CHUNK_MB", "default")}
 
 
 def _fmt(x):
@@ -380,7 +381,7 @@ TABLE_COLS = ["provider", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "extra_mb
 def print_table(rows, meta, shape, peak, n_valid, units, loss_type):
     pairs, seq, d, v = shape
     print(f"# {meta['date']}  {meta['device']}  commit {meta['commit']}  torch {meta['torch']}  "
-          f"triton {meta['triton']}")
+          f"triton {meta['triton']}  FUSEDPREF_CHUNK_MB={meta['chunk_mb']}")
     print(f"# {pairs} pairs x {seq} tokens ({n_valid} valid), D={d}, V={v}, {meta['dtype']}, loss {loss_type}; "
           f"measured matmul peak {peak:.3g} TFLOP/s; TFLOP/s counts {units}*N_valid*D*V")
     print("| " + " | ".join(TABLE_COLS) + " |")
@@ -416,6 +417,7 @@ def plot(sweep_rows, path):
 
 
 def run(argv=None):
+    t_start = time.monotonic()
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="fusedpref bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -434,6 +436,9 @@ def run(argv=None):
     p.add_argument("--repeats", type=int, default=2 if not cuda else 5)
     p.add_argument("--timeout", type=float, default=900,
                    help="seconds one provider may take for all its shapes before it is stopped")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole run: each provider gets at most what is left (the table "
+                        "and files are always written; providers left without time say so)")
     p.add_argument("--no-sweep", action="store_true", help="skip the memory-vs-V and time-vs-tokens sweep")
     p.add_argument("--out", default=os.path.join("bench", "results"))
     p.add_argument("--tag", default=None, help="file name tag (default: the device)")
@@ -493,9 +498,16 @@ def run(argv=None):
             bar.set_postfix_str(prov)
             bar.update(1)
 
+    deadline = None if a.budget is None else t_start + a.budget - 5.0   # 5 s to write the files
     for prov in providers:
+        left = None if deadline is None else deadline - time.monotonic()
+        timeout = a.timeout if left is None else min(a.timeout, left)
+        if left is not None and left <= 1.0:
+            for i in range(len(jobs)):
+                record(prov, i, {"status": "skipped: --budget spent"})
+            continue
         run_provider(prov, jobs, dtype, device, a.loss_type, a.beta, a.frozen, a.prompt_frac,
-                     a.timeout, lambda i, res, prov=prov: record(prov, i, res))
+                     timeout, lambda i, res, prov=prov: record(prov, i, res))
     if bar:
         bar.close()
     order = {p: k for k, p in enumerate(providers)}

@@ -66,6 +66,12 @@ def test_a_provider_past_its_timeout_is_stopped(tmp_path):
     assert rows["eager"]["status"] == "timeout"
 
 
+def test_a_spent_budget_skips_the_remaining_providers(tmp_path):
+    rows, out = _bench(tmp_path, "--providers", "eager,fused-torch", "--budget", "3")
+    assert all(r["status"] in ("timeout", "skipped: --budget spent") for r in rows.values()), rows
+    assert "| fused-torch |" in out
+
+
 def test_cce_adapter_sums_per_sequence(monkeypatch):
     """The cce provider's adapter (reduction="none", summed per sequence) against the float64
     reference, through CCE's torch implementation (its Triton kernels need CUDA)."""
