@@ -47,11 +47,12 @@ for mb in 128 512; do
         --providers fused-triton --out /tmp/chunk --tag "chunk$mb"
 done
 # 3. the default bench (sweep + PNG), then EXPO (two heads, exact vocabulary KL)
-bench 80 --timeout 25 --out "$OUT"
-bench 40 --loss-type expo --no-sweep --providers eager,compile,fused-triton --timeout 20 --out "$OUT" --tag expo
+#    (torch.compile last: its compilations take what the budget leaves)
+bench 100 --providers eager,fused-triton,fused-torch,liger,cce,compile --timeout 30 --out "$OUT"
+bench 40 --loss-type expo --no-sweep --providers eager,fused-triton,compile --timeout 20 --out "$OUT" --tag expo
 cat "$OUT/bench.txt"
 # 4. the suite on the GPU (kernels compiled for real; AOT and CPU-memory tests included; no -x:
 #    one run reports every failure)
-timeout 150 "$PY" -m pytest -q -rfE tests -p no:cacheprovider --durations=15 > "$OUT/pytest.log" 2>&1 || status=1
+timeout 130 "$PY" -m pytest -q -rfE tests -p no:cacheprovider --durations=15 > "$OUT/pytest.log" 2>&1 || status=1
 tail -n 40 "$OUT/pytest.log"
 exit $status
