@@ -3,13 +3,13 @@
 #   bash bench/gpu_check.sh          (writes logs, CSV and PNG under $OUT; about 7 min)
 # It installs this checkout offline over the machine's own torch + Triton, then runs: the
 # benchmark's core table at the Llama-3-8B head shape (D=4096, V=128256, N=16384 all valid,
-# bf16; eager, fused-triton, Liger, CCE), fused-triton at two larger backward chunks, the
+# bf16; eager, fused-triton, TRL, Liger, CCE), fused-triton at two larger backward chunks, the
 # default `fusedpref bench` sweep (8 pairs x 1024 tokens, half prompt, every provider), the
 # EXPO table (two heads, exact vocabulary KL) and the test suite compiled on the GPU
 # (interpreter off, bf16 included). Each provider has its own time
 # limit (--timeout), so one slow provider cannot cost the others' figures. The comparators are
 # pure-Python wheels; the device machine has no network, so fetch them here first and carry
-# .wheels:  pip download --no-deps -d .wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+# .wheels:  pip download --no-deps -d .wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0
 # (device tool: run(command="bash bench/gpu_check.sh", carry=[".wheels"], timeout_s=600)).
 set -uo pipefail
 OUT="${OUT:-$(pwd)/out}"
@@ -38,7 +38,7 @@ bench() {  # bench <budget seconds> <args...>: appends the table to bench.txt
     timeout $((b + 20)) "$PY" -m fusedpref.cli bench --budget "$b" "$@" >> "$OUT/bench.txt" 2>&1 || status=1
 }
 # 1. the core table: 4 pairs x 2 x 2048 = 16384 tokens, all valid, Llama-3-8B head, bf16
-bench 90 --pairs 4 --seq 2048 --prompt-frac 0 --no-sweep --providers eager,fused-triton,liger,cce \
+bench 110 --pairs 4 --seq 2048 --prompt-frac 0 --no-sweep --providers eager,fused-triton,trl,liger,cce \
     --timeout 45 --out "$OUT" --tag core
 # 2. the backward's vocabulary chunk (default 32 MiB): larger chunks mean fewer read-modify-write
 #    passes over the fp32 dH accumulator, at more memory (tables only; CSVs stay on the machine)
@@ -48,7 +48,7 @@ for mb in 128 512; do
 done
 # 3. the default bench (sweep + PNG), then EXPO (two heads, exact vocabulary KL)
 #    (torch.compile last: its compilations take what the budget leaves)
-bench 100 --providers eager,fused-triton,fused-torch,liger,cce,compile --timeout 30 --out "$OUT"
+bench 90 --providers eager,fused-triton,fused-torch,trl,liger,cce,compile --timeout 25 --out "$OUT"
 bench 40 --loss-type expo --no-sweep --providers eager,fused-triton,compile --timeout 20 --out "$OUT" --tag expo
 cat "$OUT/bench.txt"
 # 4. the suite on the GPU (kernels compiled for real; AOT and CPU-memory tests included; no -x:

@@ -6,6 +6,9 @@ precomputed, as TRL's precompute_ref_log_probs does):
   compile       torch.compile of the eager loss (on the CPU only when asked for)
   fused-torch   fusedpref, chunked PyTorch backend
   fused-triton  fusedpref, Triton kernels (GPU only)
+  trl           TRL's own chunked LM head (trl.kernels.ChunkedLogProbFunction, what DPOTrainer
+                patches into the model since TRL 1.16), called as DPOTrainer does: valid rows only,
+                with the entropy / mean-logit / top-1 outputs its metrics use (when importable)
   liger         Liger-Kernel's LigerFusedLinearDPOLoss (sigmoid loss only, no reference input;
                 when importable; torch.compile'd chunks on GPU as Liger defaults, eager on CPU)
   cce           Cut Cross-Entropy linear_cross_entropy(reduction="none") summed per sequence
@@ -34,7 +37,8 @@ import time
 
 import torch
 
-ALL_PROVIDERS = ("eager", "compile", "fused-torch", "fused-triton", "liger", "cce")
+ALL_PROVIDERS = ("eager", "compile", "fused-torch", "fused-triton", "trl", "liger", "cce")
+TRL_CHUNK = 32768   # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
 # the CPU default keeps the run under a minute on 2 cores; compile and liger run there too when
 # asked for (--providers)
 CPU_DEFAULT_PROVIDERS = ("eager", "fused-torch")
@@ -117,6 +121,11 @@ def available(provider, device):
             import cut_cross_entropy  # noqa: F401
         except Exception:
             return False
+    if provider == "trl":
+        try:
+            from trl.kernels import ChunkedLogProbFunction  # noqa: F401
+        except Exception:
+            return False
     return True
 
 
@@ -138,6 +147,20 @@ def loss_fn(provider, loss_type, beta):
             ref = dict(ref_hidden=r[0], ref_weight=r[1]) if isinstance(r, tuple) else dict(ref_logps=r)
             return fusedpref.preference_loss(h, w, y, loss_type=loss_type, beta=beta, backend=backend, **ref)[0]
         return fused
+    if provider == "trl":
+        if is_expo(loss_type):
+            raise ValueError("the trl provider gives per-token log-probs only: no vocabulary KL for expo")
+        from trl.kernels import ChunkedLogProbFunction
+
+        def trl(h, w, y, r):
+            # as trl.trainer.utils.add_fused_lm_head: compacted rows, TRL's vocabulary chunk,
+            # DPOTrainer's outputs, scattered back with masked_scatter
+            mask = y != -100
+            out = ChunkedLogProbFunction.apply(h[mask], w, None, y[mask], 1.0, TRL_CHUNK, None, 1.0,
+                                               ("log_probs", "entropy", "mean_logits", "is_top1"))
+            tok = out[0].new_zeros(mask.shape).masked_scatter(mask, out[0])
+            return _pair_loss(tok.sum(-1), r, y, loss_type, beta)
+        return trl
     if provider == "liger":
         if loss_type != "sigmoid":
             raise ValueError("the liger provider is benchmarked with loss_type='sigmoid' only")

@@ -1,6 +1,6 @@
 # Sourced by scripts/test.sh (and later commands): creates ./.venv on first use with torch (the
 # CPU build torch==2.13.0 where there is no NVIDIA GPU), triton, numpy, the dev tools, the
-# benchmark's comparators (Liger-Kernel, Cut Cross-Entropy) and fusedpref itself (editable), then
+# benchmark's comparators (Liger-Kernel, Cut Cross-Entropy, TRL) and fusedpref itself (editable), then
 # activates it. Override the torch spec with FUSEDPREF_TORCH.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,9 +20,11 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, triton,
     "$VENV/bin/python" -c "import torch, triton, fusedpref; print('[fusedpref] torch', torch.__version__, 'triton', triton.__version__)" >&2
 fi
 # the benchmark's comparators (pure-Python wheels over the torch + Triton above; --no-deps so
-# they never pull another torch)
-if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('liger_kernel') and u.find_spec('cut_cross_entropy')))" 2>/dev/null; then
-    "$VENV/bin/python" -m pip install -q --no-deps liger-kernel==0.8.5 cut-cross-entropy==25.1.1 2>&1 | grep -v "^WARNING: Location" || true
+# they never pull another torch). TRL's chunked LM head needs transformers (and its deps) to import.
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('liger_kernel', 'cut_cross_entropy', 'trl', 'transformers')))" 2>/dev/null; then
+    echo "[fusedpref] installing the benchmark's comparators (Liger-Kernel, Cut Cross-Entropy, TRL)" >&2
+    "$VENV/bin/python" -m pip install -q --no-deps liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -m pip install -q transformers==5.24.0 2>&1 | grep -v "^WARNING: Location" || true
 fi
 export PATH="$VENV/bin:$PATH"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"

@@ -110,3 +110,17 @@ def test_compile_provider_traces_the_eager_loss():
 
     errs = bench.errors("compile", torch.float32, torch.device("cpu"), "sigmoid", 0.1)
     assert max(errs) < 1e-5, errs
+
+
+def test_trl_provider_matches_the_float64_reference():
+    """TRL's own chunked LM head, called as DPOTrainer calls it (torch ops on the CPU)."""
+    pytest.importorskip("trl.kernels")
+    import torch
+    from fusedpref import bench
+
+    assert bench.available("trl", torch.device("cpu"))
+    for loss_type in ("sigmoid", "ipo"):   # ipo: real sequence lengths in every provider's loss
+        errs = bench.errors("trl", torch.float32, torch.device("cpu"), loss_type, 0.1)
+        assert max(errs) < 1e-4 and errs[2] < 1e-5, (loss_type, errs)
+    with pytest.raises(ValueError, match="no vocabulary KL"):
+        bench.loss_fn("trl", "expo", 0.1)
