@@ -39,10 +39,11 @@ def _specs(arch: int, dtype: torch.dtype):
         lt = cfg["fwd_stats" if stats else "fwd"]
         const = {**unit, **flags, "STATS": stats, **lt.constexprs()}
         yield (f"logprob_fwd{'_stats' if stats else ''}", kernels.logprob_fwd_kernel, sig, const, lt.launch())
-    sig = {**head, "lse_ptr": "*fp32", "g_ptr": "*fp32", "dz_ptr": f"*{t}", "N": "i32", "V": "i32",
-           "D": "i32", "v_lo": "i32", "n_cols": "i32", **strides, "stride_dzn": "i32", "softcap": "fp32"}
-    yield ("logprob_dz", kernels.logprob_dz_kernel, sig, {**unit, **flags, **cfg["dz"].constexprs()},
-           cfg["dz"].launch())
+    sig = {**head, "lse_ptr": "*fp32", "g_ptr": "*fp32", "dz_ptr": f"*{t}", "db_ptr": "*fp32", "N": "i32",
+           "V": "i32", "D": "i32", "v_lo": "i32", "n_cols": "i32", **strides, "stride_dzn": "i32",
+           "stride_dbn": "i32", "softcap": "fp32"}
+    yield ("logprob_dz", kernels.logprob_dz_kernel, sig,
+           {**unit, **flags, "HAS_DB": True, **cfg["dz"].constexprs()}, cfg["dz"].launch())
     sig = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_am": "i32", "stride_ak": "constexpr", "stride_bk": "i32", "stride_bn": "constexpr",
            "stride_cm": "i32", "stride_cn": "constexpr"}
@@ -63,10 +64,10 @@ def _specs(arch: int, dtype: torch.dtype):
     for logp in (False, True):    # KL gradient; KL + log-prob gradient in one dz
         sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "lse_ptr": "*fp32",
                "rlse_ptr": "*fp32", "g_ptr": "*fp32", "y_ptr": "*i64", "glp_ptr": "*fp32", "dz_ptr": f"*{t}",
-               "N": "i32", "V": "i32", "D": "i32", "RD": "i32", "v_lo": "i32", "n_cols": "i32", **strides,
-               **rstrides, "stride_dzn": "i32", "softcap": "fp32"}
+               "db_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "RD": "i32", "v_lo": "i32",
+               "n_cols": "i32", **strides, **rstrides, "stride_dzn": "i32", "stride_dbn": "i32", "softcap": "fp32"}
         yield (f"kl_dz{'_logp' if logp else ''}", kernels.kl_dz_kernel, sig,
-               {**kl_flags, "LOGP": logp, **kt.constexprs()}, kt.launch())
+               {**kl_flags, "LOGP": logp, "HAS_DB": True, **kt.constexprs()}, kt.launch())
 
 
 def _resource_usage(cubin: bytes) -> dict:

@@ -103,9 +103,10 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
 def chunked_head_backward(h, w, need_h, need_w, need_b, fill_dz):
     """Drives a backward through vocabulary chunks of the logit gradient dz.
 
-    fill_dz(dz_view, v0, v1) writes dz[:, v0:v1] (operand dtype) into dz_view [Nv, v1 - v0].
-    Per chunk: dW[v0:v1] = dz^T @ h (one rounding, cuBLAS), db[v0:v1] = column sums of dz,
-    dH += dz @ W[v0:v1] into an fp32 accumulator (mm_acc kernel), rounded once at the end.
+    fill_dz(dz_view, v0, v1, need_b) writes dz[:, v0:v1] (operand dtype) into dz_view
+    [Nv, v1 - v0] and, with need_b, returns per-row-block fp32 column sums [blocks, v1 - v0] of the
+    unrounded dz. Per chunk: dW[v0:v1] = dz^T @ h (one rounding, cuBLAS), db[v0:v1] = the sum of
+    those partials, dH += dz @ W[v0:v1] into an fp32 accumulator (mm_acc kernel), rounded once.
     """
     n, d = h.shape
     vocab = w.shape[0]
@@ -117,11 +118,11 @@ def chunked_head_backward(h, w, need_h, need_w, need_b, fill_dz):
     db = config.empty((vocab,), torch.float32, w.device) if need_b else None
     for v0, v1 in vocab_chunks(vocab, cols):
         dzc = dz[:, : v1 - v0]
-        fill_dz(dzc, v0, v1)
+        db_part = fill_dz(dzc, v0, v1, need_b)
         if need_w:
             torch.mm(dzc.t(), h, out=dw[v0:v1])
         if need_b:
-            torch.sum(dzc, dim=0, dtype=torch.float32, out=db[v0:v1])
+            torch.sum(db_part, dim=0, out=db[v0:v1])
         if need_h:
             _mm_acc(dzc, w[v0:v1], dh)
     return (dh.to(h.dtype) if need_h else None), dw, db
@@ -133,18 +134,21 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
     vocab = w.shape[0]
     g = g.float().contiguous()
 
-    def fill(dzc, v0, v1):
+    def fill(dzc, v0, v1, need_db):
         def run(tiles):
             grid = (triton.cdiv(n, tiles.BLOCK_N), triton.cdiv(v1 - v0, tiles.BLOCK_V))
+            db_part = config.empty((grid[0], v1 - v0), torch.float32, h.device) if need_db else None
             logprob_dz_kernel[grid](
-                h, w, b if b is not None else h, y, lse, g, dzc,
+                h, w, b if b is not None else h, y, lse, g, dzc, db_part if need_db else lse,
                 n, vocab, d, v0, v1 - v0,
                 h.stride(0), h.stride(1), w.stride(0), w.stride(1), dzc.stride(0),
+                db_part.stride(0) if need_db else 0,
                 softcap if softcap is not None else 1.0,
-                HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None,
+                HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, HAS_DB=need_db,
                 DOT_FP32=_dot_fp32(h.dtype), **tiles.constexprs(), **tiles.launch(),
             )
-        run(_tiles("dz", h, (triton.next_power_of_2(n), v1 - v0, d), run))
+            return db_part
+        return run(_tiles("dz", h, (triton.next_power_of_2(n), v1 - v0, d), run))
 
     return chunked_head_backward(h, w, need_h, need_w, need_b, fill)
 
@@ -198,18 +202,21 @@ def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need
         g_lp = g_lp.float().contiguous()
     tiles = config.tiles("kl_dz", h.device, h.dtype)
 
-    def fill(dzc, v0, v1):
+    def fill(dzc, v0, v1, need_db):
         grid = (triton.cdiv(n, tiles.BLOCK_N), triton.cdiv(v1 - v0, tiles.BLOCK_V))
+        db_part = config.empty((grid[0], v1 - v0), torch.float32, h.device) if need_db else None
         kl_dz_kernel[grid](
             h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh, lse, rlse, g,
-            y if logp_on else g, g_lp if logp_on else g, dzc,
+            y if logp_on else g, g_lp if logp_on else g, dzc, db_part if need_db else g,
             n, vocab, d, rh.shape[1], v0, v1 - v0,
             h.stride(0), h.stride(1), w.stride(0), w.stride(1),
             rh.stride(0), rh.stride(1), rw.stride(0), rw.stride(1), dzc.stride(0),
+            db_part.stride(0) if need_db else 0,
             softcap if softcap is not None else 1.0,
             HAS_BIAS=b is not None, HAS_REF_BIAS=rb is not None, HAS_SOFTCAP=softcap is not None,
-            LOGP=logp_on, DOT_FP32=_dot_fp32(h.dtype), REF_DOT_FP32=_dot_fp32(rh.dtype),
+            LOGP=logp_on, HAS_DB=need_db, DOT_FP32=_dot_fp32(h.dtype), REF_DOT_FP32=_dot_fp32(rh.dtype),
             **tiles.constexprs(), **tiles.launch(),
         )
+        return db_part
 
     return chunked_head_backward(h, w, need_h, need_w, need_b, fill)

@@ -123,13 +123,14 @@ def kl_fwd_kernel(
 
 @triton.jit
 def kl_dz_kernel(
-    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_ptr, rlse_ptr, g_ptr, y_ptr, glp_ptr, dz_ptr,
+    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_ptr, rlse_ptr, g_ptr, y_ptr, glp_ptr, dz_ptr, db_ptr,
     N, V, D, RD, v_lo, n_cols,
     stride_hn, stride_hd, stride_wv, stride_wd,
-    stride_rhn, stride_rhd, stride_rwv, stride_rwd, stride_dzn,
+    stride_rhn, stride_rhd, stride_rwv, stride_rwd, stride_dzn, stride_dbn,
     softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, LOGP: tl.constexpr,
+    HAS_DB: tl.constexpr,
     DOT_FP32: tl.constexpr, REF_DOT_FP32: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
@@ -162,5 +163,8 @@ def kl_dz_kernel(
     if HAS_SOFTCAP:
         c = z / softcap
         dz = dz * (1.0 - c * c)
+    if HAS_DB:  # this row block's fp32 column sums (the host adds the row blocks: deterministic)
+        colsum = tl.sum(tl.where(row_mask[:, None], dz, 0.0), axis=0)
+        tl.store(db_ptr + pid_n * stride_dbn + col0 + offs_v, colsum, mask=col_mask)
     ptrs = dz_ptr + row0 * stride_dzn + col0 + tl.arange(0, BLOCK_N)[:, None] * stride_dzn + offs_v[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

@@ -12,7 +12,8 @@ Forward (per valid row i, vocabulary split s):
 Backward (logit gradient for one vocabulary chunk, from the saved lse):
     dz[i, v] = g_i * (onehot(y_i)[v] - exp(z[i, v] - lse_i)) * dcap[i, v]
     dcap     = 1 - (z / softcap)^2   (derivative of softcap * tanh(. / softcap)), else 1
-  dH, dW, db are then matmuls and a column sum of dz (host side, fusedpref/ops.py).
+  dH and dW are then matmuls of the stored dz (host side, fusedpref/ops.py); with HAS_DB each
+  program also writes its row block's fp32 column sums of dz, which the host adds into db.
 """
 import triton
 import triton.language as tl
@@ -93,12 +94,12 @@ def logprob_fwd_kernel(
 
 @triton.jit
 def logprob_dz_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr, db_ptr,
     N, V, D, v_lo, n_cols,
-    stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, stride_dbn,
     softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DB: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1).to(tl.int64)
@@ -123,5 +124,8 @@ def logprob_dz_kernel(
         c = z / softcap
         dz = dz * (1.0 - c * c)
     # 3. store in the operand dtype for the tensor-core matmuls that follow
+    if HAS_DB:  # this row block's fp32 column sums (the host adds the row blocks: deterministic)
+        colsum = tl.sum(tl.where(row_mask[:, None], dz, 0.0), axis=0)
+        tl.store(db_ptr + pid_n * stride_dbn + col0 + offs_v, colsum, mask=col_mask)
     ptrs = dz_ptr + row0 * stride_dzn + col0 + tl.arange(0, BLOCK_N)[:, None] * stride_dzn + offs_v[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
