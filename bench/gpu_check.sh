@@ -10,6 +10,9 @@
 # limit (--timeout), so one slow provider cannot cost the others' figures. The comparators are
 # pure-Python wheels; the device machine has no network, so fetch them here first and carry
 # .wheels:  pip download --no-deps -d .wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0
+#   and, for TRL's backward (it imports datasets; the machine has the rest):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .wheels datasets==5.2.0 dill multiprocess
 # (device tool: run(command="bash bench/gpu_check.sh", carry=[".wheels"], timeout_s=600)).
 set -uo pipefail
 OUT="${OUT:-$(pwd)/out}"

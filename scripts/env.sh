@@ -19,12 +19,17 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, triton,
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
     "$VENV/bin/python" -c "import torch, triton, fusedpref; print('[fusedpref] torch', torch.__version__, 'triton', triton.__version__)" >&2
 fi
-# the benchmark's comparators (pure-Python wheels over the torch + Triton above; --no-deps so
-# they never pull another torch). TRL's chunked LM head needs transformers (and its deps) to import.
-if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('liger_kernel', 'cut_cross_entropy', 'trl', 'transformers')))" 2>/dev/null; then
+# the benchmark's comparators: Liger-Kernel and Cut Cross-Entropy (pure-Python wheels over the
+# torch + Triton above, --no-deps) and TRL with its dependencies (its chunked LM head's backward
+# imports trl.trainer.utils: transformers, accelerate, datasets, pandas), constrained to the
+# installed torch so that nothing can pull another torch build.
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('liger_kernel', 'cut_cross_entropy', 'trl', 'transformers', 'accelerate', 'datasets', 'pandas')))" 2>/dev/null; then
     echo "[fusedpref] installing the benchmark's comparators (Liger-Kernel, Cut Cross-Entropy, TRL)" >&2
-    "$VENV/bin/python" -m pip install -q --no-deps liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 2>&1 | grep -v "^WARNING: Location" || true
-    "$VENV/bin/python" -m pip install -q transformers==5.24.0 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -m pip install -q --no-deps liger-kernel==0.8.5 cut-cross-entropy==25.1.1 2>&1 | grep -v "^WARNING: Location" || true
+    CONSTRAINT="$(mktemp)"
+    "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$CONSTRAINT"
+    "$VENV/bin/python" -m pip install -q -c "$CONSTRAINT" trl==1.16.0 transformers==5.24.0 2>&1 | grep -v "^WARNING: Location" || true
+    rm -f "$CONSTRAINT"
 fi
 export PATH="$VENV/bin:$PATH"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
