@@ -18,7 +18,7 @@ g_lp = dL/dlogp:
 import triton
 import triton.language as tl
 
-from .tiles import logit_tile
+from .tiles import logit_tile, stats_step
 
 # plane of each partial in part[plane, split, row]; 0..5 match logprob_fwd_kernel's layout
 PLANES = {"m_z": 0, "l_z": 1, "zy": 2, "zsum": 3, "pz": 4, "amax": 5, "m_r": 6, "l_r": 7, "a": 8, "ry": 9}
@@ -70,8 +70,6 @@ def kl_fwd_kernel(
                        rb_ptr + v0, softcap, row_mask, col_mask, RD,
                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF_BIAS, HAS_SOFTCAP, REF_DOT_FP32)
         diff = tl.where(col_mask[None, :], r - z, 0.0)
-        if STATS:
-            z0 = tl.where(col_mask[None, :], z, 0.0)   # p is 0 there; avoid 0 * -inf
         z = tl.where(col_mask[None, :], z, float("-inf"))
         r = tl.where(col_mask[None, :], r, float("-inf"))
         # 2. online log-sum-exp of the policy
@@ -79,9 +77,9 @@ def kl_fwd_kernel(
         mz_new = tl.maximum(m_z, tile_max)
         alpha_z = tl.exp(m_z - mz_new)
         p = tl.exp(z - mz_new[:, None])
-        if STATS:   # unnormalised E_p[z - m_z], relative to the running max (see logprobs.py)
-            zm = tl.where(col_mask[None, :], z - mz_new[:, None], 0.0)
-            pz = alpha_z * (pz + tl.where(l_z > 0, m_z - mz_new, 0.0) * l_z) + tl.sum(p * zm, axis=1)
+        if STATS:   # the policy's metric statistics (before l_z moves on)
+            zsum, pz, amax, aidx = stats_step(zsum, pz, amax, aidx, z, p, col_mask, m_z, mz_new, l_z, alpha_z,
+                                              tile_max, v0)
         l_z = l_z * alpha_z + tl.sum(p, axis=1)
         # 3. online log-sum-exp of the reference and the unnormalised E_ref[r - z]
         mr_new = tl.maximum(m_r, tl.max(r, axis=1))
@@ -95,15 +93,8 @@ def kl_fwd_kernel(
             hit = offs_v[None, :] == (y - v0).to(tl.int32)[:, None]
             zy += tl.sum(tl.where(hit, z, 0.0), axis=1)
             ry += tl.sum(tl.where(hit, r, 0.0), axis=1)
-        # 5. policy statistics: sum of logits, first argmax
-        if STATS:
-            zsum += tl.sum(z0, axis=1)
-            tile_arg = (tl.argmax(z, axis=1) + v0).to(tl.int32)
-            better = tile_max > amax
-            aidx = tl.where(better, tile_arg, aidx)
-            amax = tl.where(better, tile_max, amax)
         m_z = mz_new
-    # 6. partials [plane, split, row] (planes as in PLANES)
+    # 5. partials [plane, split, row] (planes as in PLANES)
     plane = n_splits * N
     out = part_ptr + pid_s * N + rows
     tl.store(out, m_z, mask=row_mask)

@@ -18,7 +18,7 @@ Backward (logit gradient for one vocabulary chunk, from the saved lse):
 import triton
 import triton.language as tl
 
-from .tiles import logit_tile
+from .tiles import logit_tile, stats_step
 
 
 @triton.jit
@@ -63,16 +63,9 @@ def logprob_fwd_kernel(
         m_new = tl.maximum(m, tile_max)
         alpha = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])
-        if STATS:
-            # 4. sum of logits, unnormalised E_p[z - m] kept relative to the running max (no
-            #    cancellation against lse in fp32), first argmax
-            zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
-            zm = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)   # p is 0 there; no 0 * -inf
-            pz = alpha * (pz + tl.where(l > 0, m - m_new, 0.0) * l) + tl.sum(p * zm, axis=1)
-            tile_arg = (tl.argmax(z, axis=1) + v0).to(tl.int32)
-            better = tile_max > amax
-            aidx = tl.where(better, tile_arg, aidx)
-            amax = tl.where(better, tile_max, amax)
+        if STATS:   # 4. sum of logits, shifted E_p[z - m], first argmax (before l moves on)
+            zsum, pz, amax, aidx = stats_step(zsum, pz, amax, aidx, z, p, col_mask, m, m_new, l, alpha,
+                                              tile_max, v0)
         l = l * alpha + tl.sum(p, axis=1)
         # 3. the target logit (exactly one tile of one split holds it)
         y_local = (y - v0).to(tl.int32)

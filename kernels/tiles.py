@@ -54,3 +54,18 @@ def logit_tile(
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return acc
+
+
+@triton.jit
+def stats_step(zsum, pz, amax, aidx, z, p, col_mask, m, m_new, l, alpha, tile_max, v0):
+    """One vocabulary tile of the online metric statistics of a logit tile z (-inf past the
+    split) with p = exp(z - m_new): the sum of logits, S = sum exp(z - m)(z - m) kept relative
+    to the running max (rescaled as S' = alpha (S + (m - m_new) l) with l the running sum before
+    this tile, so the entropy log l - S / l does not cancel against lse in fp32) and the first
+    argmax. Returns the updated (zsum, pz, amax, aidx)."""
+    zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+    zm = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)   # p is 0 there; no 0 * -inf
+    pz = alpha * (pz + tl.where(l > 0, m - m_new, 0.0) * l) + tl.sum(p * zm, axis=1)
+    tile_arg = (tl.argmax(z, axis=1) + v0).to(tl.int32)
+    better = tile_max > amax
+    return zsum, pz, tl.where(better, tile_max, amax), tl.where(better, tile_arg, aidx)
