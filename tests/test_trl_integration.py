@@ -129,3 +129,51 @@ def test_autocast_runs_in_the_autocast_dtype_and_reaches_fp32_weights():
     assert dw.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=0, atol=0.05)     # both bf16 products
     torch.testing.assert_close(dw, ref_dw, rtol=0.05, atol=0.05)
+
+
+def test_two_dpo_trainer_steps_match_trls_own_head(unpatched, tmp_path, monkeypatch):
+    """The drop-in inside TRL's DPOTrainer (policy + reference model, two optimizer steps, fp32):
+    the same logged loss and metrics, and the same LM head afterwards."""
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from trl import DPOConfig, DPOTrainer
+
+    words = "the a cat dog sat ran on mat rug big small red blue yes no why how".split()
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                     unk_token="<unk>")
+    data = datasets.Dataset.from_dict({
+        "prompt": ["the cat sat on", "a dog ran on", "why the big", "how a small"],
+        "chosen": [" the mat", " the rug", " red dog", " blue cat"],
+        "rejected": [" a dog", " yes no", " no no", " the the"]})
+    calls = []
+    original_apply = fp_trl.FusedLogProbHead.apply
+    monkeypatch.setattr(fp_trl.FusedLogProbHead, "apply",
+                        staticmethod(lambda *a, **k: calls.append(1) or original_apply(*a, **k)))
+
+    def train(patched):
+        fp_trl.patch_trl() if patched else fp_trl.unpatch_trl()
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                       max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+        model, ref = transformers.LlamaForCausalLM(cfg), transformers.LlamaForCausalLM(cfg)
+        args = DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                         logging_steps=1, save_strategy="no", use_cpu=True, learning_rate=1e-3, seed=0,
+                         bf16=False)   # TRL's default on the CPU is bf16 autocast: agreement only to bf16
+        trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer.train()
+        return [row for row in trainer.state.log_history if "loss" in row], model.lm_head.weight.detach().clone()
+
+    ref_logs, ref_w = train(False)
+    assert not calls
+    logs, w = train(True)
+    assert len(calls) == 4          # policy and reference forward, two steps
+    assert len(logs) == len(ref_logs) == 2
+    for row, ref_row in zip(logs, ref_logs):
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "entropy", "logits/chosen",
+                    "mean_token_accuracy", "grad_norm"):
+            assert row[key] == pytest.approx(ref_row[key], rel=1e-5, abs=1e-6), key
+    torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-6)
