@@ -31,47 +31,68 @@ def _target_in_chunk(z, y, v0, v1):
     return torch.where(inside, z.gather(1, local[:, None]).squeeze(1), 0.0)
 
 
-def _shifted_pz(pz, alpha, m, m_new, l, p, z):
-    """Online update of sum_v exp(z - m) (z - m) (the entropy's E_p[z], kept relative to the
-    running max so that it does not cancel against lse in fp32): rescale to the new max, then
-    add this chunk. l is the running sum *before* this chunk; z is overwritten."""
-    carried = torch.where(l > 0, m - m_new, 0.0) * l       # 0 before the first chunk (m = -inf)
-    return alpha * (pz + carried) + torch.einsum("ij,ij->i", p, z.sub_(m_new[:, None]))
+class _OnlinePass:
+    """One head's online pass over vocabulary chunks, in fp32: the log-sum-exp, with targets y the
+    target logit, and with stats the metric statistics (sum of logits, the entropy's E_p[z] kept
+    relative to the running max so that it does not cancel against lse, first argmax)."""
+
+    def __init__(self, n, device, y=None, with_stats=False):
+        if with_stats and y is None:
+            raise ValueError("with_stats needs the targets y")
+        self.y, self.with_stats = y, with_stats
+        self.m = torch.full((n,), float("-inf"), device=device)
+        self.l = torch.zeros(n, device=device)
+        self.zy = torch.zeros(n, device=device)
+        if with_stats:
+            self.zsum, self.pz = torch.zeros(n, device=device), torch.zeros(n, device=device)
+            self.amax = torch.full((n,), float("-inf"), device=device)
+            self.aidx = torch.zeros(n, dtype=torch.long, device=device)
+
+    def add(self, z, v0, v1):
+        """Folds in the logits z of columns v0:v1 (overwritten with stats); returns the rescaling
+        factor of the running sum and this chunk's exp(z - new max)."""
+        if self.with_stats:
+            cmax, carg = z.max(dim=1)
+        else:
+            cmax = z.amax(1)
+        m, l = self.m, self.l
+        m_new = torch.maximum(m, cmax)
+        alpha = torch.exp(m - m_new)
+        if self.y is not None:
+            self.zy += _target_in_chunk(z, self.y, v0, v1)
+        p = z.sub(m_new[:, None]).exp_()                  # one chunk-sized temporary
+        if self.with_stats:
+            self.zsum += z.sum(1)
+            # sum exp(z - m)(z - m): rescale to the new max (0 before the first chunk), add this chunk
+            carried = torch.where(l > 0, m - m_new, 0.0) * l
+            self.pz = alpha * (self.pz + carried) + torch.einsum("ij,ij->i", p, z.sub_(m_new[:, None]))
+            better = cmax > self.amax
+            self.aidx = torch.where(better, carg + v0, self.aidx)
+            self.amax = torch.where(better, cmax, self.amax)
+        self.l = l * alpha + p.sum(1)
+        self.m = m_new
+        return alpha, p
+
+    def lse(self):
+        return self.m + torch.log(self.l)
+
+    def logp(self):
+        return self.zy - self.lse()
+
+    def stats(self):
+        """[Nv, 3] = (sum of logits, entropy log l - S / l, argmax == target), or None."""
+        if not self.with_stats:
+            return None
+        return torch.stack([self.zsum, torch.log(self.l) - self.pz / self.l, (self.aidx == self.y).float()],
+                           dim=1)
 
 
 def logprob_forward(h, w, b, y, softcap, with_stats: bool):
-    n = h.shape[0]
-    vocab = w.shape[0]
     hf = h.float()
-    m = torch.full((n,), float("-inf"), device=h.device)
-    l = torch.zeros(n, device=h.device)
-    zy = torch.zeros(n, device=h.device)
-    if with_stats:
-        zsum, pz = torch.zeros(n, device=h.device), torch.zeros(n, device=h.device)
-        amax = torch.full((n,), float("-inf"), device=h.device)
-        aidx = torch.zeros(n, dtype=torch.long, device=h.device)
-    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32, default_mb=8)):
-        z = chunk_logits(hf, w, b, softcap, v0, v1)
-        cmax, carg = z.max(dim=1)
-        m_new = torch.maximum(m, cmax)
-        alpha = torch.exp(m - m_new)
-        zy += _target_in_chunk(z, y, v0, v1)
-        if with_stats:
-            zsum += z.sum(1)
-        p = z.sub(m_new[:, None]).exp_()                  # one chunk-sized temporary
-        if with_stats:
-            pz = _shifted_pz(pz, alpha, m, m_new, l, p, z)
-        l = l * alpha + p.sum(1)
-        if with_stats:
-            better = cmax > amax
-            aidx = torch.where(better, carg + v0, aidx)
-            amax = torch.where(better, cmax, amax)
-        m = m_new
-    lse = m + torch.log(l)
-    stats = None
-    if with_stats:
-        stats = torch.stack([zsum, torch.log(l) - pz / l, (aidx == y).float()], dim=1)
-    return zy - lse, lse, stats
+    pol = _OnlinePass(h.shape[0], h.device, y, with_stats)
+    for v0, v1 in vocab_chunks(w.shape[0], vocab_chunk_cols(h.shape[0], w.shape[0], _F32, default_mb=8)):
+        pol.add(chunk_logits(hf, w, b, softcap, v0, v1), v0, v1)
+    return pol.logp(), pol.lse(), pol.stats()
 
 
 def head_backward(h, w, need_h, need_w, need_b, chunk_dz):
@@ -115,47 +136,21 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
 def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False):
     """As fusedpref.ops.kl_forward: (kl, lse, rlse, logp, ref_logp, stats)."""
     n = h.shape[0]
-    vocab = w.shape[0]
-    logp_on = y is not None
-    if with_stats and not logp_on:
-        raise ValueError("with_stats needs the targets y")
     hf, rhf = h.float(), rh.float()
-    inf = torch.full((n,), float("-inf"), device=h.device)
-    m_z, l_z, m_r, l_r, a = inf, torch.zeros_like(inf), inf, torch.zeros_like(inf), torch.zeros_like(inf)
-    zy, ry = torch.zeros_like(l_z), torch.zeros_like(l_z)
-    if with_stats:
-        zsum, pz, amax = torch.zeros_like(l_z), torch.zeros_like(l_z), inf.clone()
-        aidx = torch.zeros(n, dtype=torch.long, device=h.device)
+    pol = _OnlinePass(n, h.device, y, with_stats)
+    ref = _OnlinePass(n, h.device, y)
+    a = torch.zeros(n, device=h.device)            # sum exp(r - m_r) (r - z), rescaled with l_r
     # two heads' chunks live at once: half the columns per chunk
-    for v0, v1 in vocab_chunks(vocab, max(1, vocab_chunk_cols(n, vocab, _F32, default_mb=8) // 2)):
+    for v0, v1 in vocab_chunks(w.shape[0], max(1, vocab_chunk_cols(n, w.shape[0], _F32, default_mb=8) // 2)):
         z = chunk_logits(hf, w, b, softcap, v0, v1)
         r = chunk_logits(rhf, rw, rb, softcap, v0, v1)
-        if logp_on:
-            zy += _target_in_chunk(z, y, v0, v1)
-            ry += _target_in_chunk(r, y, v0, v1)
-        cmax, carg = z.max(dim=1)
-        mz = torch.maximum(m_z, cmax)
-        alpha_z = torch.exp(m_z - mz)
-        p = torch.exp(z - mz[:, None])
-        if with_stats:
-            zsum += z.sum(1)
-            pz = _shifted_pz(pz, alpha_z, m_z, mz, l_z, p, z.clone())
-        l_z = l_z * alpha_z + p.sum(1)
-        if with_stats:
-            better = cmax > amax
-            aidx = torch.where(better, carg + v0, aidx)
-            amax = torch.where(better, cmax, amax)
-        m_z = mz
-        mr = torch.maximum(m_r, r.amax(1))
-        alpha = torch.exp(m_r - mr)
-        pr = torch.exp(r - mr[:, None])
-        l_r = l_r * alpha + pr.sum(1)
+        alpha, pr = ref.add(r, v0, v1)
         a = a * alpha + torch.einsum("ij,ij->i", pr, r.sub_(z))
-        m_r = mr
-    lse, rlse = m_z + torch.log(l_z), m_r + torch.log(l_r)
-    stats = torch.stack([zsum, torch.log(l_z) - pz / l_z, (aidx == y).float()], dim=1) if with_stats else None
-    return (a / l_r - rlse + lse, lse, rlse, zy - lse if logp_on else None, ry - rlse if logp_on else None,
-            stats)
+        pol.add(z, v0, v1)                           # after the KL term: it may overwrite z
+    lse, rlse = pol.lse(), ref.lse()
+    logp_on = y is not None
+    return (a / ref.l - rlse + lse, lse, rlse, pol.logp() if logp_on else None,
+            ref.logp() if logp_on else None, pol.stats())
 
 
 def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b, y=None, g_lp=None):
