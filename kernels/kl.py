@@ -18,7 +18,7 @@ g_lp = dL/dlogp:
 import triton
 import triton.language as tl
 
-from .tiles import logit_tile, stats_step
+from .tiles import logit_tile, stats_init, stats_step, stats_store
 
 # plane of each partial in part[plane, split, row]; 0..5 match logprob_fwd_kernel's layout
 PLANES = {"m_z": 0, "l_z": 1, "zy": 2, "zsum": 3, "pz": 4, "amax": 5, "m_r": 6, "l_r": 7, "a": 8, "ry": 9}
@@ -54,10 +54,7 @@ def kl_fwd_kernel(
         zy = tl.zeros((BLOCK_N,), tl.float32)
         ry = tl.zeros((BLOCK_N,), tl.float32)
     if STATS:
-        zsum = tl.zeros((BLOCK_N,), tl.float32)
-        pz = tl.zeros((BLOCK_N,), tl.float32)
-        amax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        aidx = tl.zeros((BLOCK_N,), tl.int32)
+        zsum, pz, amax, aidx = stats_init(BLOCK_N)
     v_start = pid_s * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -106,10 +103,7 @@ def kl_fwd_kernel(
         tl.store(out + 2 * plane, zy, mask=row_mask)
         tl.store(out + 9 * plane, ry, mask=row_mask)
     if STATS:
-        tl.store(out + 3 * plane, zsum, mask=row_mask)
-        tl.store(out + 4 * plane, pz, mask=row_mask)
-        tl.store(out + 5 * plane, amax, mask=row_mask)
-        tl.store(arg_ptr + pid_s * N + rows, aidx, mask=row_mask)
+        stats_store(out, plane, arg_ptr + pid_s * N + rows, row_mask, zsum, pz, amax, aidx)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ Backward (logit gradient for one vocabulary chunk, from the saved lse):
 import triton
 import triton.language as tl
 
-from .tiles import logit_tile, stats_step
+from .tiles import logit_tile, stats_init, stats_step, stats_store
 
 
 @triton.jit
@@ -44,10 +44,7 @@ def logprob_fwd_kernel(
     l = tl.zeros((BLOCK_N,), tl.float32)
     zy = tl.zeros((BLOCK_N,), tl.float32)
     if STATS:
-        zsum = tl.zeros((BLOCK_N,), tl.float32)
-        pz = tl.zeros((BLOCK_N,), tl.float32)
-        amax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        aidx = tl.zeros((BLOCK_N,), tl.int32)
+        zsum, pz, amax, aidx = stats_init(BLOCK_N)
 
     v_start = pid_s * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
@@ -79,10 +76,7 @@ def logprob_fwd_kernel(
     tl.store(out + plane, l, mask=row_mask)
     tl.store(out + 2 * plane, zy, mask=row_mask)
     if STATS:
-        tl.store(out + 3 * plane, zsum, mask=row_mask)
-        tl.store(out + 4 * plane, pz, mask=row_mask)
-        tl.store(out + 5 * plane, amax, mask=row_mask)
-        tl.store(arg_ptr + pid_s * N + rows, aidx, mask=row_mask)
+        stats_store(out, plane, arg_ptr + pid_s * N + rows, row_mask, zsum, pz, amax, aidx)
 
 
 @triton.jit

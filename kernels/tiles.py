@@ -57,6 +57,23 @@ def logit_tile(
 
 
 @triton.jit
+def stats_init(BLOCK_N: tl.constexpr):
+    """The metric statistics' accumulators (zsum, pz, amax, aidx) for stats_step."""
+    return (tl.zeros((BLOCK_N,), tl.float32), tl.zeros((BLOCK_N,), tl.float32),
+            tl.full((BLOCK_N,), float("-inf"), tl.float32), tl.zeros((BLOCK_N,), tl.int32))
+
+
+@triton.jit
+def stats_store(out, plane, arg_out, row_mask, zsum, pz, amax, aidx):
+    """Stores the statistics into planes 3, 4, 5 of the [plane, split, row] partials (the layout
+    both forward kernels share) and the argmax into arg_out."""
+    tl.store(out + 3 * plane, zsum, mask=row_mask)
+    tl.store(out + 4 * plane, pz, mask=row_mask)
+    tl.store(out + 5 * plane, amax, mask=row_mask)
+    tl.store(arg_out, aidx, mask=row_mask)
+
+
+@triton.jit
 def stats_step(zsum, pz, amax, aidx, z, p, col_mask, m, m_new, l, alpha, tile_max, v0):
     """One vocabulary tile of the online metric statistics of a logit tile z (-inf past the
     split) with p = exp(z - m_new): the sum of logits, S = sum exp(z - m)(z - m) kept relative
