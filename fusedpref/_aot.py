@@ -53,13 +53,14 @@ def _specs(arch: int, dtype: torch.dtype):
     ref = {"rh_ptr": f"*{t}", "rw_ptr": f"*{t}", "rb_ptr": f"*{t}"}
     rstrides = {"stride_rhn": "i32", "stride_rhd": "constexpr", "stride_rwv": "i32", "stride_rwd": "constexpr"}
     kl_flags = {**flags, "HAS_REF_BIAS": True, "REF_DOT_FP32": False, "stride_rhd": 1, "stride_rwd": 1, **unit}
-    for stats in (False, True):   # plain KL; KL + both log-probs + policy stats (EXPO's pass)
+    # plain KL (linear_kl); KL + both log-probs (linear_logprobs_kl); + the policy's stats (EXPO's pass)
+    for suffix, logp, stats in (("", False, False), ("_logp", True, False), ("_logp_stats", True, True)):
         kt = cfg["kl_fwd_stats" if stats else "kl_fwd"]
         sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "y_ptr": "*i64", "part_ptr": "*fp32",
                "arg_ptr": "*i32", "N": "i32", "V": "i32", "D": "i32", "RD": "i32", "v_per_split": "i32",
                "n_splits": "i32", **strides, **rstrides, "softcap": "fp32"}
-        yield (f"kl_fwd{'_logp_stats' if stats else ''}", kernels.kl_fwd_kernel, sig,
-               {**kl_flags, "LOGP": stats, "STATS": stats, **kt.constexprs()}, kt.launch())
+        yield (f"kl_fwd{suffix}", kernels.kl_fwd_kernel, sig,
+               {**kl_flags, "LOGP": logp, "STATS": stats, **kt.constexprs()}, kt.launch())
     kt = cfg["kl_dz"]
     for logp in (False, True):    # KL gradient; KL + log-prob gradient in one dz
         sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "lse_ptr": "*fp32",

@@ -6,7 +6,12 @@ from . import config
 
 
 def vocab_chunk_cols(n_rows: int, vocab: int, elem_bytes: int, align: int = 1, default_mb: float = 32) -> int:
-    """Columns per chunk so that n_rows x cols x elem_bytes <= the chunk budget (>= align)."""
+    """Columns per chunk so that n_rows x cols x elem_bytes <= the chunk budget (>= align), or
+    exactly FUSEDPREF_CHUNK_COLS columns when that is set (not aligned: tests use it to put chunk
+    boundaries inside a tile)."""
+    fixed = config.chunk_cols()
+    if fixed is not None:
+        return min(fixed, vocab)
     cols = config.chunk_bytes(default_mb) // max(1, n_rows * elem_bytes)
     cols = max(align, cols // align * align)
     return min(cols, vocab)

@@ -6,10 +6,13 @@ padding) are skipped.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from .functions import LinearLogProbs, LinearLogProbsKL
-from .losses import LOSSES, Pairs, check_loss_args
+from ._checks import BACKENDS, check_head, check_ignore_index, check_softcap, check_targets
+from .functions import LinearLogProbs, LinearLogProbsKL, _autocast, _check_ref
+from .losses import LOSSES, NLL_LOSSES, Pairs, check_loss_args
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -20,17 +23,57 @@ def _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backen
     return logp.sum(-1), stats
 
 
-def _check_batch(hidden, targets, name="hidden"):
+def _check_batch(hidden, name="hidden", what="2B sequences (B chosen then B rejected)", paired=True):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 3:
-        raise ValueError(f"{name} must have shape [2B, T, D] (chosen rows first, then rejected), "
-                         f"got {None if not isinstance(hidden, torch.Tensor) else list(hidden.shape)}")
-    if hidden.shape[0] % 2:
-        raise ValueError(f"{name} must hold 2B sequences (B chosen then B rejected); got {hidden.shape[0]} rows")
+        shape = None if not isinstance(hidden, torch.Tensor) else list(hidden.shape)
+        layout = "[2B, T, D] (chosen rows first, then rejected)" if paired else "[N, T, D] (one row per sequence)"
+        raise ValueError(f"{name} must have shape {layout}, got {shape}")
+    if hidden.shape[0] == 0:
+        raise ValueError(f"{name} holds no sequences (shape {list(hidden.shape)}): a loss over an empty "
+                         "batch is undefined")
+    if paired and hidden.shape[0] % 2:
+        raise ValueError(f"{name} must hold {what}; got {hidden.shape[0]} rows")
+
+
+def _warn_empty(mask, kind):
+    """A sequence with no completion tokens has log-prob 0 and counts as length 1: say so once
+    (a host sync, skipped while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return
+    empty = (~mask.any(-1)).nonzero().flatten().tolist()
+    if empty:
+        warnings.warn(f"{len(empty)} of {mask.shape[0]} {kind} sequences have no completion tokens (every target "
+                      f"is ignore_index; rows {empty[:8]}{'...' if len(empty) > 8 else ''}): their log-prob is 0 and "
+                      "their length counts as 1 in length-normalised losses", UserWarning, stacklevel=3)
+
+
+def _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, needs_ref, types):
+    """Checks the reference inputs: a head (ref_hidden, ref_weight, ref_bias) or ref_logps [n]."""
+    has_head = ref_hidden is not None or ref_weight is not None
+    if has_head and ref_logps is not None:
+        raise ValueError("pass either ref_logps or ref_hidden/ref_weight, not both")
+    if has_head and (ref_hidden is None or ref_weight is None):
+        raise ValueError("ref_hidden and ref_weight must be given together")
+    if ref_bias is not None and not has_head:
+        raise ValueError("ref_bias needs ref_hidden/ref_weight")
+    if needs_ref and not has_head and ref_logps is None:
+        raise ValueError(f"loss_type {types} needs a reference: pass ref_logps [{n}] or ref_hidden/ref_weight")
+    if has_head:
+        _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias)
+    if ref_logps is not None and (not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (n,)
+                                  or not ref_logps.is_floating_point()):
+        raise ValueError(f"ref_logps must be a floating tensor of shape [{'2B' if n == hidden.shape[0] else 'N'}]"
+                         f"=[{n}], got {getattr(ref_logps, 'shape', type(ref_logps).__name__)}")
+    return has_head
 
 
 def reference_logps(ref_hidden, ref_weight, targets, *, ref_bias=None, ignore_index=-100, softcap=None,
                     backend="auto"):
     """Sequence log-probs [2B] of a reference head, forward only: no graph, nothing saved."""
+    ref_hidden, ref_weight, ref_bias = _autocast(ref_hidden, ref_weight, ref_bias)
+    names = ("ref_hidden", "ref_weight", "ref_bias")
+    check_head(ref_hidden, ref_weight, ref_bias, names=names)
+    check_targets(ref_hidden, targets, names=("ref_hidden", "targets"))
     with torch.no_grad():
         logps, _ = _sequence_logps(ref_hidden.detach(), ref_weight.detach(), targets,
                                    None if ref_bias is None else ref_bias.detach(),
@@ -38,34 +81,47 @@ def reference_logps(ref_hidden, ref_weight, targets, *, ref_bias=None, ignore_in
     return logps
 
 
+def _nll(hidden, weight, bias, targets, nll_targets, mask, b, ignore_index, softcap, backend, logps):
+    """TRL's NLL term: minus the mean log-prob over the chosen completion tokens of the batch
+    (the true token count: empty rows add nothing), or over nll_targets [B, T] (e.g. prompt +
+    completion, as ORPOTrainer) on the chosen rows' hidden states. 0 when there is no token."""
+    if nll_targets is None:
+        return -logps[:b].sum() / mask[:b].sum().clamp(min=1).to(logps.dtype)
+    if not isinstance(nll_targets, torch.Tensor) or tuple(nll_targets.shape) not in (
+            tuple(targets.shape), (b, *targets.shape[1:])):
+        raise ValueError(f"nll_targets must have shape [B, T]=[{b}, {', '.join(map(str, targets.shape[1:]))}] "
+                         f"(or [2B, T], of which the chosen rows are used), got "
+                         f"{getattr(nll_targets, 'shape', type(nll_targets).__name__)}")
+    nt = nll_targets[:b]
+    tok, _ = LinearLogProbs.apply(hidden[:b], weight, nt, bias, ignore_index, softcap, backend, False)
+    return -tok.sum() / (nt != ignore_index).sum().clamp(min=1).to(tok.dtype)
+
+
 def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, bias=None,
                     ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None,
                     ignore_index=-100, softcap=None, label_smoothing=0.0, loss_weights=None,
-                    reduction="mean", backend="auto", **loss_specific):
+                    reduction="mean", backend="auto", average_log_prob=False, nll_targets=None,
+                    **loss_specific):
     """Fused preference loss. Returns (loss, metrics); see README for every loss type."""
-    types, weights, params = check_loss_args(loss_type, loss_weights, label_smoothing, beta, loss_specific)
+    types, weights, params = check_loss_args(loss_type, loss_weights, label_smoothing, beta, loss_specific,
+                                             average_log_prob)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    _check_batch(hidden, targets)
+    ignore_index = check_ignore_index(ignore_index)
+    _check_batch(hidden)
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _autocast(hidden, weight, bias, ref_hidden,
+                                                                       ref_weight, ref_bias)
+    check_head(hidden, weight, bias)
+    two_b = hidden.shape[0]
     needs_ref = any(LOSSES[t].needs_ref for t in types)
-    has_fused_ref = ref_hidden is not None or ref_weight is not None
-    if has_fused_ref and ref_logps is not None:
-        raise ValueError("pass either ref_logps or ref_hidden/ref_weight, not both")
-    if has_fused_ref and (ref_hidden is None or ref_weight is None):
-        raise ValueError("ref_hidden and ref_weight must be given together")
-    if needs_ref and not has_fused_ref and ref_logps is None:
-        raise ValueError(f"loss_type {types} needs a reference: pass ref_logps [2B] or ref_hidden/ref_weight")
+    has_fused_ref = _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, two_b, needs_ref, types)
+    if nll_targets is not None and not set(types) & NLL_LOSSES:
+        raise ValueError(f"nll_targets is used by the NLL term of {sorted(NLL_LOSSES)}, not by loss_type {types}")
 
     expo_vocab = any(LOSSES[t].fn is LOSSES["expo"].fn for t in types) and params.get("expo_kl") == "vocab"
     if expo_vocab and not has_fused_ref:
         raise ValueError("loss_type 'expo' with expo_kl='vocab' needs ref_hidden/ref_weight (the exact "
                          "KL runs over the reference head's vocabulary); use expo_kl='sequence' with ref_logps")
-    if has_fused_ref:
-        _check_batch(ref_hidden, targets, "ref_hidden")
-    two_b = hidden.shape[0]
-    if ref_logps is not None and (not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (two_b,)):
-        raise ValueError(f"ref_logps must be a tensor of shape [2B]=[{two_b}], got "
-                         f"{getattr(ref_logps, 'shape', type(ref_logps).__name__)}")
 
     kl = ref = None
     if expo_vocab:
@@ -85,17 +141,25 @@ def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, b
         elif ref_logps is not None:
             ref = ref_logps.detach().to(device=logps.device, dtype=logps.dtype)
     b = two_b // 2
-    mask = targets != ignore_index
+    mask = targets.long() != ignore_index      # any integer dtype (uint8 cannot hold -100)
+    _warn_empty(mask, "preference")
     lengths = mask.sum(-1).to(logps.dtype).clamp(min=1)
+    # 3. the NLL term of sft / cpo / orpo (only when one of them is asked for)
+    nll = (_nll(hidden, weight, bias, targets, nll_targets, mask, b, ignore_index, softcap, backend, logps)
+           if set(types) & NLL_LOSSES else None)
 
     pairs = Pairs(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
                   lengths[:b], lengths[b:], float(beta), float(label_smoothing), params,
-                  None if kl is None else kl[:b], None if kl is None else kl[b:])
+                  None if kl is None else kl[:b], None if kl is None else kl[b:], nll)
+    # EXPO reads average_log_prob itself (its supervised term only); every other loss gets
+    # length-averaged sequence log-probs
+    averaged = pairs.averaged() if average_log_prob else pairs
+    chosen_pairs = {t: pairs if (LOSSES[t].fn is LOSSES["expo"].fn) else averaged for t in types}
 
     # 4. the loss on [B] tensors
-    losses = sum(w * LOSSES[t].fn(pairs) for t, w in zip(types, weights))
+    losses = sum(w * LOSSES[t].fn(chosen_pairs[t]) for t, w in zip(types, weights))
     loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
-    return loss, _metrics(pairs, LOSSES[types[0]].rewards, stats, mask, weight.shape[0], b)
+    return loss, _metrics(chosen_pairs[types[0]], LOSSES[types[0]].rewards, stats, mask, weight.shape[0], b)
 
 
 @torch.no_grad()
@@ -130,17 +194,27 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     """nn.Module front of preference_loss: stores hyperparameters only, no parameters."""
 
     def __init__(self, loss_type="sigmoid", beta=0.1, *, ignore_index=-100, softcap=None,
-                 label_smoothing=0.0, loss_weights=None, reduction="mean", backend="auto", **loss_specific):
+                 label_smoothing=0.0, loss_weights=None, reduction="mean", backend="auto",
+                 average_log_prob=False, **loss_specific):
         super().__init__()
-        check_loss_args(loss_type, loss_weights, label_smoothing, beta, loss_specific)
+        # every hyperparameter is checked here, not first at forward
+        check_loss_args(loss_type, loss_weights, label_smoothing, beta, loss_specific, average_log_prob)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_ignore_index(ignore_index)
+        check_softcap(softcap)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.kwargs = dict(loss_type=loss_type, beta=beta, ignore_index=ignore_index, softcap=softcap,
                            label_smoothing=label_smoothing, loss_weights=loss_weights,
-                           reduction=reduction, backend=backend, **loss_specific)
+                           reduction=reduction, backend=backend, average_log_prob=average_log_prob,
+                           **loss_specific)
 
     def forward(self, hidden, weight, targets, bias=None, *, ref_hidden=None, ref_weight=None,
-                ref_bias=None, ref_logps=None):
+                ref_bias=None, ref_logps=None, nll_targets=None):
         return preference_loss(hidden, weight, targets, bias=bias, ref_hidden=ref_hidden,
-                               ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps, **self.kwargs)
+                               ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
+                               nll_targets=nll_targets, **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
@@ -149,7 +223,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden=None, ref_weight=None,
              ref_bias=None, ref_logps=None, kl_hidden=None, kl_targets=None, ref_kl_hidden=None,
              kl_logps=None, ref_kl_logps=None, desirable_weight=1.0, undesirable_weight=1.0,
-             ignore_index=-100, softcap=None, reduction="mean", backend="auto"):
+             ignore_index=-100, softcap=None, reduction="mean", backend="auto", average_log_prob=False):
     """KTO (TRL's KTOTrainer) on unpaired sequences: hidden [N, T, D], targets [N, T], labels [N]
     bool (True = desirable). The reference-KL estimate z0 = clamp(mean(kl_logps - ref_kl_logps), 0)
     comes from mismatched completions, either precomputed (kl_logps, ref_kl_logps [M]) or through
@@ -157,42 +231,62 @@ def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden
     it is detached, as in TRL. Without either, z0 = 0.
         desirable:   w_d * (1 - sigmoid(beta * (logratio - z0)))
         undesirable: w_u * (1 - sigmoid(beta * (z0 - logratio)))
+    average_log_prob=True (Liger's KTO) uses length-averaged sequence log-probs throughout
+    (precomputed ref_logps / kl_logps are then expected averaged too).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
         raise ValueError(f"beta must be a positive float, got {beta!r}")
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 3:
-        raise ValueError("hidden must have shape [N, T, D] (one row per unpaired sequence)")
+    for name, value in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+    if not isinstance(average_log_prob, bool):
+        raise TypeError(f"average_log_prob must be a bool, got {type(average_log_prob).__name__}")
+    ignore_index = check_ignore_index(ignore_index)
+    _check_batch(hidden, paired=False)
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _autocast(hidden, weight, bias, ref_hidden,
+                                                                       ref_weight, ref_bias)
+    check_head(hidden, weight, bias)
     n = hidden.shape[0]
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,) or labels.dtype != torch.bool:
         raise ValueError(f"labels must be a bool tensor of shape [N]=[{n}] (True = desirable), got "
                          f"{getattr(labels, 'dtype', type(labels).__name__)} {list(getattr(labels, 'shape', []))}")
-    if (ref_hidden is None) == (ref_logps is None) or (ref_hidden is None) != (ref_weight is None):
-        raise ValueError("KTO needs a reference: pass ref_logps [N] or ref_hidden/ref_weight (not both)")
+    has_head = _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, True, ["kto"])
+    fused_kl = any(t is not None for t in (kl_hidden, ref_kl_hidden, kl_targets))
+    pre_kl = kl_logps is not None or ref_kl_logps is not None
+    if fused_kl and pre_kl:
+        raise ValueError("pass either kl_logps/ref_kl_logps (precomputed) or kl_hidden/ref_kl_hidden/kl_targets "
+                         "(fused) for the KL estimate, not both")
+    if fused_kl and (kl_hidden is None or ref_kl_hidden is None or kl_targets is None):
+        raise ValueError("the fused KL estimate needs kl_hidden, ref_kl_hidden and kl_targets together")
+    if fused_kl and not has_head:
+        raise ValueError("the fused KL estimate runs the reference head on ref_kl_hidden: pass "
+                         "ref_hidden/ref_weight instead of ref_logps, or precomputed kl_logps/ref_kl_logps")
+    if pre_kl and (kl_logps is None or ref_kl_logps is None):
+        raise ValueError("kl_logps and ref_kl_logps must be given together")
+
+    def per_token_mean(logps, t):
+        return logps / (t.long() != ignore_index).sum(-1).clamp(min=1).to(logps.dtype) if average_log_prob else logps
+
     logps, _ = _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, False)
-    if ref_hidden is not None:
-        ref = reference_logps(ref_hidden, ref_weight, targets, ref_bias=ref_bias, ignore_index=ignore_index,
-                              softcap=softcap, backend=backend)
+    _warn_empty(targets.long() != ignore_index, "KTO")
+    logps = per_token_mean(logps, targets)
+    if has_head:
+        ref = per_token_mean(reference_logps(ref_hidden, ref_weight, targets, ref_bias=ref_bias,
+                                             ignore_index=ignore_index, softcap=softcap, backend=backend), targets)
     else:
-        if tuple(ref_logps.shape) != (n,):
-            raise ValueError(f"ref_logps must have shape [N]=[{n}], got {list(ref_logps.shape)}")
         ref = ref_logps.detach().to(logps)
     # the reference-KL estimate (detached)
-    if kl_hidden is not None or ref_kl_hidden is not None:
-        if kl_hidden is None or ref_kl_hidden is None or kl_targets is None or kl_logps is not None:
-            raise ValueError("the fused KL estimate needs kl_hidden, ref_kl_hidden and kl_targets "
-                             "(and no kl_logps)")
+    if fused_kl:
         with torch.no_grad():
             kl_pol, _ = _sequence_logps(kl_hidden.detach(), weight.detach(), kl_targets,
                                         None if bias is None else bias.detach(), ignore_index, softcap,
                                         backend, False)
         kl_ref = reference_logps(ref_kl_hidden, ref_weight, kl_targets, ref_bias=ref_bias,
                                  ignore_index=ignore_index, softcap=softcap, backend=backend)
-        z0 = (kl_pol - kl_ref).mean().clamp(min=0)
-    elif kl_logps is not None or ref_kl_logps is not None:
-        if kl_logps is None or ref_kl_logps is None:
-            raise ValueError("kl_logps and ref_kl_logps must be given together")
+        z0 = (per_token_mean(kl_pol, kl_targets) - per_token_mean(kl_ref, kl_targets)).mean().clamp(min=0)
+    elif pre_kl:
         z0 = (kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0).to(logps)
     else:
         z0 = logps.new_zeros(())
@@ -204,7 +298,7 @@ def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden
     with torch.no_grad():
         rewards = beta * logratio
 
-        def masked_mean(x, m):
+        def masked_mean(x, m):   # 0 when no sequence of that kind is in the batch
             return (x * m).sum() / m.sum().clamp(min=1)
         d, u = labels.to(logps.dtype), (~labels).to(logps.dtype)
         metrics = {"rewards/chosen": masked_mean(rewards, d), "rewards/rejected": masked_mean(rewards, u),

@@ -343,6 +343,8 @@ def provider_ref(provider, ref_logps):
 
 def errors(provider, dtype, device, loss_type, beta):
     """max |error| of loss, dH, dW against the float64 eager loss at a small shape."""
+    from .reference import eager_preference_loss
+
     shape = (2, 64, 128, 1000)
     h0, w0, y, r = make_inputs(*shape, dtype, device, seed=1, ref_head=is_expo(loss_type))
     fn = loss_fn(provider, loss_type, beta)
@@ -350,8 +352,12 @@ def errors(provider, dtype, device, loss_type, beta):
     loss = fn(h, w, y, r)
     dh, dw = torch.autograd.grad(loss, (h, w))
     ho, wo = h0.double().requires_grad_(), w0.double().requires_grad_()
-    r64 = tuple(t.double() for t in r) if isinstance(r, tuple) else provider_ref(provider, r).double()
-    ref = _eager_loss(ho, wo, y, r64, loss_type, beta)
+    # the oracle: fusedpref.reference's own derivation of the loss (shares no code with losses.py)
+    if isinstance(r, tuple):
+        refs = dict(ref_hidden=r[0].double(), ref_weight=r[1].double())
+    else:
+        refs = dict(ref_logps=provider_ref(provider, r).double())
+    ref, _ = eager_preference_loss(ho, wo, y, loss_type=loss_type, beta=beta, **refs)
     rdh, rdw = torch.autograd.grad(ref, (ho, wo))
     return [abs(loss.item() - ref.item()), (dh.double() - rdh).abs().max().item(),
             (dw.double() - rdw).abs().max().item()]

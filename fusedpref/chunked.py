@@ -1,8 +1,9 @@
 """The pure-PyTorch backend: the same contract and memory bound as the Triton one, any device.
 
 It walks the vocabulary in chunks (one rows x chunk fp32 block at a time, bounded by
-FUSEDPREF_CHUNK_MB) with an online log-sum-exp, and computes in fp32 throughout. Functions
-take compacted rows, exactly like fusedpref.ops.
+FUSEDPREF_CHUNK_MB) with an online log-sum-exp, and computes in fp32 throughout (float64 for
+float64 inputs, so that torch.autograd.gradcheck can be used). Functions take compacted rows,
+exactly like fusedpref.ops.
 """
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ import torch
 from . import config
 from ._chunks import vocab_chunk_cols, vocab_chunks
 
-_F32 = 4
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cols(n, vocab, dtype, parts=1):
+    """Chunk columns for `parts` live rows x cols buffers of the compute dtype."""
+    return max(1, vocab_chunk_cols(n, vocab, acc_dtype(dtype).itemsize, default_mb=8) // parts)
 
 
 def chunk_logits(hf, w, b, softcap, v0, v1):
-    """fp32 logits of columns v0:v1 for fp32 rows hf."""
-    z = hf @ w[v0:v1].float().t()
+    """Logits of columns v0:v1 for rows hf, in hf's (compute) dtype."""
+    z = hf @ w[v0:v1].to(hf.dtype).t()
     if b is not None:
-        z += b[v0:v1].float()
+        z += b[v0:v1].to(hf.dtype)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z
@@ -36,16 +44,17 @@ class _OnlinePass:
     target logit, and with stats the metric statistics (sum of logits, the entropy's E_p[z] kept
     relative to the running max so that it does not cancel against lse, first argmax)."""
 
-    def __init__(self, n, device, y=None, with_stats=False):
+    def __init__(self, n, device, y=None, with_stats=False, dtype=torch.float32):
         if with_stats and y is None:
             raise ValueError("with_stats needs the targets y")
         self.y, self.with_stats = y, with_stats
-        self.m = torch.full((n,), float("-inf"), device=device)
-        self.l = torch.zeros(n, device=device)
-        self.zy = torch.zeros(n, device=device)
+        f = dict(device=device, dtype=dtype)
+        self.m = torch.full((n,), float("-inf"), **f)
+        self.l = torch.zeros(n, **f)
+        self.zy = torch.zeros(n, **f)
         if with_stats:
-            self.zsum, self.pz = torch.zeros(n, device=device), torch.zeros(n, device=device)
-            self.amax = torch.full((n,), float("-inf"), device=device)
+            self.zsum, self.pz = torch.zeros(n, **f), torch.zeros(n, **f)
+            self.amax = torch.full((n,), float("-inf"), **f)
             self.aidx = torch.zeros(n, dtype=torch.long, device=device)
 
     def add(self, z, v0, v1):
@@ -83,39 +92,39 @@ class _OnlinePass:
         """[Nv, 3] = (sum of logits, entropy log l - S / l, argmax == target), or None."""
         if not self.with_stats:
             return None
-        return torch.stack([self.zsum, torch.log(self.l) - self.pz / self.l, (self.aidx == self.y).float()],
+        return torch.stack([self.zsum, torch.log(self.l) - self.pz / self.l, (self.aidx == self.y).to(self.l)],
                            dim=1)
 
 
 def logprob_forward(h, w, b, y, softcap, with_stats: bool):
-    hf = h.float()
-    pol = _OnlinePass(h.shape[0], h.device, y, with_stats)
-    for v0, v1 in vocab_chunks(w.shape[0], vocab_chunk_cols(h.shape[0], w.shape[0], _F32, default_mb=8)):
+    hf = h.to(acc_dtype(h.dtype))
+    pol = _OnlinePass(h.shape[0], h.device, y, with_stats, hf.dtype)
+    for v0, v1 in vocab_chunks(w.shape[0], _cols(h.shape[0], w.shape[0], h.dtype)):
         pol.add(chunk_logits(hf, w, b, softcap, v0, v1), v0, v1)
     return pol.logp(), pol.lse(), pol.stats()
 
 
 def head_backward(h, w, need_h, need_w, need_b, chunk_dz):
-    """chunk_dz(hf, v0, v1) -> fp32 dz [Nv, v1 - v0]; accumulates dH, dW, db in fp32."""
+    """chunk_dz(hf, v0, v1) -> dz [Nv, v1 - v0] in the compute dtype; accumulates dH, dW, db in it."""
     n, d = h.shape
     vocab = w.shape[0]
-    hf = h.float()
-    dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need_h else None
+    hf = h.to(acc_dtype(h.dtype))
+    dh = torch.zeros((n, d), dtype=hf.dtype, device=h.device) if need_h else None
     dw = config.empty((vocab, d), w.dtype, w.device) if need_w else None
-    db = config.empty((vocab,), torch.float32, w.device) if need_b else None
-    for v0, v1 in vocab_chunks(vocab, vocab_chunk_cols(n, vocab, _F32, default_mb=8)):
+    db = config.empty((vocab,), hf.dtype, w.device) if need_b else None
+    for v0, v1 in vocab_chunks(vocab, _cols(n, vocab, h.dtype)):
         dz = chunk_dz(hf, v0, v1)
         if need_w:
             dw[v0:v1] = dz.t() @ hf
         if need_b:
             db[v0:v1] = dz.sum(0)
         if need_h:
-            dh += dz @ w[v0:v1].float()
+            dh += dz @ w[v0:v1].to(hf.dtype)
     return (dh.to(h.dtype) if need_h else None), dw, db
 
 
 def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
-    g = g.float()
+    g = g.to(acc_dtype(h.dtype))
 
     def chunk_dz(hf, v0, v1):
         z = chunk_logits(hf, w, b, softcap, v0, v1)
@@ -134,31 +143,41 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
 
 
 def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False):
-    """As fusedpref.ops.kl_forward: (kl, lse, rlse, logp, ref_logp, stats)."""
+    """As fusedpref.ops.kl_forward: (kl, lse, rlse, logp, ref_logp, stats).
+
+    KL = E_ref[(r - m_r) - (z - m_z)] - log l_r + log l_z, with the expectation accumulated
+    relative to both running maxes (a = sum_v exp(r - m_r) ((r - m_r) - (z - m_z))), so that
+    nothing of the size of the logits cancels at the end (|z| ~ 1e3 keeps fp32 accuracy)."""
     n = h.shape[0]
-    hf, rhf = h.float(), rh.float()
-    pol = _OnlinePass(n, h.device, y, with_stats)
-    ref = _OnlinePass(n, h.device, y)
-    a = torch.zeros(n, device=h.device)            # sum exp(r - m_r) (r - z), rescaled with l_r
+    hf = h.to(acc_dtype(h.dtype))
+    rhf = rh.to(hf.dtype)
+    pol = _OnlinePass(n, h.device, y, with_stats, hf.dtype)
+    ref = _OnlinePass(n, h.device, y, dtype=hf.dtype)
+    a = torch.zeros(n, device=h.device, dtype=hf.dtype)
     # two heads' chunks live at once: half the columns per chunk
-    for v0, v1 in vocab_chunks(w.shape[0], max(1, vocab_chunk_cols(n, w.shape[0], _F32, default_mb=8) // 2)):
+    for v0, v1 in vocab_chunks(w.shape[0], _cols(n, w.shape[0], h.dtype, parts=2)):
         z = chunk_logits(hf, w, b, softcap, v0, v1)
         r = chunk_logits(rhf, rw, rb, softcap, v0, v1)
+        mr_old, mz_old, lr_old = ref.m, pol.m, ref.l
+        mz_new = torch.maximum(mz_old, z.amax(1))
         alpha, pr = ref.add(r, v0, v1)
-        a = a * alpha + torch.einsum("ij,ij->i", pr, r.sub_(z))
+        # move a to the new maxes (nothing to move before the first chunk), then add this chunk
+        shift = torch.where(lr_old > 0, (mr_old - ref.m) - (mz_old - mz_new), 0.0)
+        diff = r.sub_(ref.m[:, None]).sub_(z).add_(mz_new[:, None])      # (r - m_r) - (z - m_z), in place
+        a = alpha * (a + lr_old * shift) + torch.einsum("ij,ij->i", pr, diff)
         pol.add(z, v0, v1)                           # after the KL term: it may overwrite z
     lse, rlse = pol.lse(), ref.lse()
     logp_on = y is not None
-    return (a / ref.l - rlse + lse, lse, rlse, pol.logp() if logp_on else None,
-            ref.logp() if logp_on else None, pol.stats())
+    kl = a / ref.l - torch.log(ref.l) + torch.log(pol.l)
+    return (kl, lse, rlse, pol.logp() if logp_on else None, ref.logp() if logp_on else None, pol.stats())
 
 
 def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b, y=None, g_lp=None):
     """Gradients of sum g * KL (+ sum g_lp * logp with targets y) w.r.t. the policy head."""
-    g = g.float()
-    rhf = rh.float()
+    g = g.to(acc_dtype(h.dtype))
+    rhf = rh.to(g.dtype)
     if g_lp is not None:
-        g_lp = g_lp.float()
+        g_lp = g_lp.to(g.dtype)
 
     def chunk_dz(hf, v0, v1):
         z = chunk_logits(hf, w, b, softcap, v0, v1)

@@ -9,6 +9,9 @@ forward) allocate: rows x chunk_columns x element size <= this many MiB per buff
 for the Triton backend (one dz buffer; larger chunks keep its GEMMs efficient), 8 for the torch
 backend (which holds about two such fp32 buffers at once).
 
+FUSEDPREF_CHUNK_COLS=n overrides that with exactly n vocabulary columns per chunk (any n >= 1;
+tests use it to make V span several chunks with boundaries inside a tile).
+
 FUSEDPREF_POISON=1 (tests) fills every buffer a kernel must write completely with NaN first,
 so an element left unwritten shows up as NaN instead of stale memory.
 """
@@ -100,6 +103,19 @@ def chunk_bytes(default_mb: float = 32) -> int:
     if not mb > 0:
         raise ValueError(f"FUSEDPREF_CHUNK_MB must be a positive number of MiB, got {mb!r}")
     return int(mb * 2**20)
+
+
+def chunk_cols() -> int | None:
+    value = os.environ.get("FUSEDPREF_CHUNK_COLS")
+    if value is None or value == "":
+        return None
+    try:
+        cols = int(value)
+    except ValueError:
+        cols = 0
+    if cols < 1:
+        raise ValueError(f"FUSEDPREF_CHUNK_COLS must be a whole number of columns >= 1, got {value!r}")
+    return cols
 
 
 def empty(shape, dtype, device) -> torch.Tensor:

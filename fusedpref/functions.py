@@ -1,54 +1,41 @@
 """torch.autograd.Function per primitive. Backward takes ANY per-token upstream gradient, so
-the kernels never know which loss they serve."""
+the kernels never know which loss they serve.
+
+Each Function validates its inputs (static checks only: shapes, dtypes, devices), applies
+torch.autocast as F.linear would (operands cast to the autocast dtype; the engine returns the
+gradients of fp32 master weights in fp32), flattens the rows and calls the custom ops of
+fusedpref/_library.py, which hold everything data-dependent. So a step calling them compiles
+with torch.compile(fullgraph=True).
+"""
 from __future__ import annotations
 
 import torch
 
-from . import chunked
-from ._checks import check_head, check_softcap, check_targets, resolve_backend
+from . import _library
+from ._checks import (autocast_dtype, check_head, check_ignore_index, check_softcap, check_targets,
+                      resolve_backend)
 
 
-def _backend_module(name: str):
-    if name == "triton":
-        from . import ops  # imported lazily: the torch backend needs no triton
-
-        return ops
-    return chunked
-
-
-def _compact(targets: torch.Tensor, ignore_index: int):
-    flat = targets.reshape(-1)
-    idx = (flat != ignore_index).nonzero().squeeze(1)
-    return idx, flat.index_select(0, idx)
+def _autocast(*tensors):
+    """Under torch.autocast for the tensors' device: floating tensors cast to the autocast dtype."""
+    first = next(t for t in tensors if t is not None)
+    dt = autocast_dtype(first.device) if isinstance(first, torch.Tensor) else None
+    if dt is None:
+        return tensors
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
 
 
-def _rows(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
-
-
-def _scatter_rows(values: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
-    out = values.new_zeros((n,) + tuple(values.shape[1:]))
-    out.index_copy_(0, idx, values)
-    return out
-
-
-def _policy_grads(hidden, weight, bias, idx, n, needs, compute):
-    """(dH, dW, db) of a policy head from compute(valid_rows) -> (dh_rows, dw, db_fp32).
-
-    Zeros when no row is valid; dH rows are scattered back to the full [..., D] shape."""
-    need_h, need_w, need_b = needs
-    if idx.numel() == 0:
-        return tuple(torch.zeros_like(t) if need else None
-                     for t, need in ((hidden, need_h), (weight, need_w), (bias, need_b)))
-    dh_v, dw, db = compute(_rows(hidden, idx))
-    dh = _scatter_rows(dh_v, idx, n).view(hidden.shape) if need_h else None
-    return dh, dw, (db.to(bias.dtype) if need_b else None)
-
-
-def _check_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, ignore_index, softcap,
-                backend):
-    """Validates a policy head and a reference head over one vocabulary; (backend, softcap)."""
+def _check_one(hidden, weight, bias, targets, ignore_index, softcap, backend):
+    """Validates a policy head; (flat hidden [n, D], flat int64 targets, ignore_index, softcap, backend)."""
     check_head(hidden, weight, bias)
+    y = check_targets(hidden, targets)
+    backend = resolve_backend(backend, hidden.device, hidden.dtype)
+    return hidden.reshape(-1, hidden.shape[-1]), y, check_ignore_index(ignore_index), check_softcap(softcap), backend
+
+
+def _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias):
+    """Validates a reference head against the policy head: one vocabulary, same rows."""
     check_head(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"))
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}: "
@@ -58,56 +45,72 @@ def _check_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
                          f"{list(hidden.shape[:-1])}")
     if ref_hidden.device != hidden.device:
         raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
-    check_targets(hidden, targets, weight.shape[0], ignore_index)
-    return _backend_module(resolve_backend(backend, hidden.device)), check_softcap(softcap)
+    return ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach()
 
 
-def _ref_rows(ref_hidden, ref_weight, ref_bias, idx):
-    """The reference head, detached (it never gets a gradient), at the valid rows."""
-    return (_rows(ref_hidden.detach(), idx), ref_weight.detach(),
-            None if ref_bias is None else ref_bias.detach())
+class _OnceOnly(torch.autograd.Function):
+    """Identity on a gradient fusedpref computed; differentiating it again raises a clear error."""
+
+    @staticmethod
+    def forward(ctx, grad, *anchors):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("fusedpref's backward is not differentiable: double backward (a second "
+                           "derivative through create_graph=True) is not supported by its fused heads")
+
+
+def _grads_out(grads, anchors):
+    """Wraps the gradients so that a second differentiation (create_graph=True) raises clearly."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    anchors = [a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not anchors:
+        return grads
+    return tuple(None if g is None else _OnceOnly.apply(g, *anchors) for g in grads)
+
+
+def _needs(ctx, bias, idx_bias=3):
+    return (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[idx_bias])
+
+
+def _policy_grads(ctx, dh, dw, db, needs, anchors):
+    return _grads_out((dh.view(ctx.hshape) if needs[0] else None, dw if needs[1] else None,
+                       db if needs[2] else None), anchors)
 
 
 class LinearLogProbs(torch.autograd.Function):
     """logp = log_softmax(softcap(hidden @ weight.T + bias))[targets], 0 at ignore_index.
 
     apply(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats)
-    -> (logp float32 [*targets.shape], stats float32 [*targets.shape, 3] or [0]).
-    stats (detached, 0 on ignored rows) = (sum of logits over V, entropy, argmax == target).
+    -> (logp float32 [*targets.shape] (float64 for float64 inputs),
+        stats [*targets.shape, 3] or [0]).
+    stats (not differentiable, 0 on ignored rows) = (sum of logits over V, entropy, argmax == target).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias=None, ignore_index=-100, softcap=None,
                 backend="auto", with_stats=False):
-        check_head(hidden, weight, bias)
-        check_targets(hidden, targets, weight.shape[0], ignore_index)
-        softcap = check_softcap(softcap)
-        impl = _backend_module(resolve_backend(backend, hidden.device))
-        n = targets.numel()
-        idx, y = _compact(targets, ignore_index)
-        logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        stats = torch.zeros((n, 3) if with_stats else (0,), dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(0, dtype=torch.float32, device=hidden.device)
-        if idx.numel():
-            logp_v, lse, stats_v = impl.logprob_forward(
-                _rows(hidden, idx), weight, bias, y, softcap, with_stats)
-            logp.index_copy_(0, idx, logp_v)
-            if with_stats:
-                stats.index_copy_(0, idx, stats_v)
-        ctx.mark_non_differentiable(stats)
-        ctx.impl, ctx.softcap, ctx.n = impl, softcap, n
-        if any(ctx.needs_input_grad[i] for i in (0, 1, 3)):
-            ctx.save_for_backward(hidden, weight, bias, idx, y, lse)
+        hidden, weight, bias = _autocast(hidden, weight, bias)
+        flat, y, ignore_index, softcap, backend = _check_one(hidden, weight, bias, targets, ignore_index,
+                                                             softcap, backend)
+        logp, lse, stats = _library.logprob_fwd(flat, weight, y, bias, ignore_index, softcap, backend,
+                                                bool(with_stats))
+        ctx.hshape, ctx.ignore_index, ctx.softcap, ctx.backend = hidden.shape, ignore_index, softcap, backend
+        if any(_needs(ctx, bias)):
+            ctx.save_for_backward(flat, weight, bias, y, lse)
         stats = stats.view(*targets.shape, 3) if with_stats else stats
+        ctx.mark_non_differentiable(stats)             # the returned tensor itself
         return logp.view(targets.shape), stats
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_stats):
-        hidden, weight, bias, idx, y, lse = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
-        g = grad_logp.reshape(-1).index_select(0, idx)    # autograd materialises zero grads
-        dh, dw, db = _policy_grads(hidden, weight, bias, idx, ctx.n, needs, lambda rows: ctx.impl.logprob_backward(
-            rows, weight, bias, y, lse, g, ctx.softcap, *needs))
+        flat, weight, bias, y, lse = ctx.saved_tensors
+        needs = _needs(ctx, bias)
+        dh, dw, db = _library.logprob_bwd(grad_logp.reshape(-1), flat, weight, y, bias, lse, ctx.ignore_index,
+                                          ctx.softcap, ctx.backend, *needs)
+        dh, dw, db = _policy_grads(ctx, dh, dw, db, needs, (flat, weight, bias))
         return dh, dw, None, db, None, None, None, None
 
 
@@ -115,11 +118,37 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, so
                     backend="auto"):
     """Per-token log-probabilities of a linear LM head without an N x V tensor.
 
-    hidden [..., D] and weight [V, D] of one dtype (float32, float16 or bfloat16), bias [V] or
-    None, targets [...] integer. Returns float32 of targets' shape, 0.0 where ignore_index.
+    hidden [..., D] and weight [V, D] of one dtype (float32, float16, bfloat16; float64 on the
+    torch backend; under torch.autocast the autocast dtype), bias [V] or None, targets [...]
+    integer. Returns float32 (float64 for float64 inputs) of targets' shape, 0.0 where ignore_index.
     """
     logp, _ = LinearLogProbs.apply(hidden, weight, targets, bias, ignore_index, softcap, backend, False)
     return logp
+
+
+def _kl_forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
+                backend, with_logp, with_stats):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _autocast(hidden, weight, bias, ref_hidden,
+                                                                       ref_weight, ref_bias)
+    flat, y, ignore_index, softcap, backend = _check_one(hidden, weight, bias, targets, ignore_index, softcap,
+                                                         backend)
+    rflat = _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias)
+    rw, rb = ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+    out = _library.kl_fwd(flat, weight, rflat, rw, y, bias, rb, ignore_index, softcap, backend, with_logp,
+                          with_stats)
+    ctx.hshape, ctx.ignore_index, ctx.softcap, ctx.backend = hidden.shape, ignore_index, softcap, backend
+    if any(_needs(ctx, bias, 5)):
+        ctx.save_for_backward(flat, weight, bias, rflat, rw, rb, y, out[1], out[2])
+    return out
+
+
+def _kl_backward(ctx, grad_kl, grad_logp):
+    flat, weight, bias, rflat, rw, rb, y, lse, rlse = ctx.saved_tensors
+    needs = _needs(ctx, bias, 5)
+    dh, dw, db = _library.kl_bwd(grad_kl.reshape(-1), None if grad_logp is None else grad_logp.reshape(-1),
+                                 flat, weight, rflat, rw, y, bias, rb, lse, rlse, ctx.ignore_index, ctx.softcap,
+                                 ctx.backend, *needs)
+    return _policy_grads(ctx, dh, dw, db, needs, (flat, weight, bias))
 
 
 class LinearKL(torch.autograd.Function):
@@ -133,28 +162,13 @@ class LinearKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
                 ignore_index=-100, softcap=None, backend="auto"):
-        impl, softcap = _check_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
-                                    ignore_index, softcap, backend)
-        n = targets.numel()
-        idx, _ = _compact(targets, ignore_index)
-        kl = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        rh, rw, rb = _ref_rows(ref_hidden, ref_weight, ref_bias, idx)
-        lse = rlse = kl.new_empty(0)
-        if idx.numel():
-            kl_v, lse, rlse, *_ = impl.kl_forward(_rows(hidden, idx), weight, bias, rh, rw, rb, softcap)
-            kl.index_copy_(0, idx, kl_v)
-        ctx.impl, ctx.softcap, ctx.n = impl, softcap, n
-        if any(ctx.needs_input_grad[i] for i in (0, 1, 5)):
-            ctx.save_for_backward(hidden, weight, bias, rh, rw, rb, idx, lse, rlse)
+        kl, *_ = _kl_forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
+                             softcap, backend, False, False)
         return kl.view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_kl):
-        hidden, weight, bias, rh, rw, rb, idx, lse, rlse = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5])
-        g = grad_kl.reshape(-1).index_select(0, idx)
-        dh, dw, db = _policy_grads(hidden, weight, bias, idx, ctx.n, needs, lambda rows: ctx.impl.kl_backward(
-            rows, weight, bias, rh, rw, rb, lse, rlse, g, ctx.softcap, *needs))
+        dh, dw, db = _kl_backward(ctx, grad_kl, None)
         return dh, dw, None, None, None, db, None, None, None, None
 
 
@@ -180,25 +194,9 @@ class LinearLogProbsKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
                 ignore_index=-100, softcap=None, backend="auto", with_stats=False):
-        impl, softcap = _check_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
-                                    ignore_index, softcap, backend)
-        n = targets.numel()
-        idx, y = _compact(targets, ignore_index)
-        zeros = dict(dtype=torch.float32, device=hidden.device)
-        logp, ref_logp, kl = torch.zeros(n, **zeros), torch.zeros(n, **zeros), torch.zeros(n, **zeros)
-        stats = torch.zeros((n, 3) if with_stats else (0,), **zeros)
-        rh, rw, rb = _ref_rows(ref_hidden, ref_weight, ref_bias, idx)
-        lse = rlse = kl.new_empty(0)
-        if idx.numel():
-            kl_v, lse, rlse, logp_v, ref_v, stats_v = impl.kl_forward(
-                _rows(hidden, idx), weight, bias, rh, rw, rb, softcap, y=y, with_stats=with_stats)
-            for out, v in ((kl, kl_v), (logp, logp_v), (ref_logp, ref_v)):
-                out.index_copy_(0, idx, v)
-            if with_stats:
-                stats.index_copy_(0, idx, stats_v)
-        ctx.impl, ctx.softcap, ctx.n = impl, softcap, n
-        if any(ctx.needs_input_grad[i] for i in (0, 1, 5)):
-            ctx.save_for_backward(hidden, weight, bias, rh, rw, rb, idx, y, lse, rlse)
+        kl, _, _, logp, ref_logp, stats = _kl_forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias,
+                                                      ref_bias, ignore_index, softcap, backend, True,
+                                                      bool(with_stats))
         shape = targets.shape
         ref_logp, stats = ref_logp.view(shape), stats.view(*shape, 3) if with_stats else stats
         ctx.mark_non_differentiable(ref_logp, stats)   # the returned tensors themselves
@@ -206,12 +204,7 @@ class LinearLogProbsKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_ref, grad_kl, _grad_stats):
-        hidden, weight, bias, rh, rw, rb, idx, y, lse, rlse = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5])
-        g_lp = grad_logp.reshape(-1).index_select(0, idx)  # autograd materialises zero grads
-        g_kl = grad_kl.reshape(-1).index_select(0, idx)
-        dh, dw, db = _policy_grads(hidden, weight, bias, idx, ctx.n, needs, lambda rows: ctx.impl.kl_backward(
-            rows, weight, bias, rh, rw, rb, lse, rlse, g_kl, ctx.softcap, *needs, y=y, g_lp=g_lp))
+        dh, dw, db = _kl_backward(ctx, grad_kl, grad_logp)
         return dh, dw, None, None, None, db, None, None, None, None, None
 
 

@@ -184,8 +184,14 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False):
         logp, lse, stats = combine_splits(part[:6], arg, y)
     else:
         lse, _, _ = _lse(part[KL_PLANES["m_z"]], part[KL_PLANES["l_z"]])
-    rlse, rscale, rtotal = _lse(part[KL_PLANES["m_r"]], part[KL_PLANES["l_r"]])
-    kl = (part[KL_PLANES["a"]] * rscale).sum(0) / rtotal - rlse + lse
+    m_z, m_r = part[KL_PLANES["m_z"]], part[KL_PLANES["m_r"]]
+    rlse, rscale, rtotal = _lse(m_r, part[KL_PLANES["l_r"]])
+    ztotal = _lse(m_z, part[KL_PLANES["l_z"]])[2]
+    # each split's a is relative to its own maxes: move it to the global ones, then
+    # KL = a / l_r - log l_r + log l_z (all relative to the global maxes)
+    shift = (m_r - m_r.amax(0)) - (m_z - m_z.amax(0))
+    a = (rscale * (part[KL_PLANES["a"]] + part[KL_PLANES["l_r"]] * shift)).sum(0)
+    kl = a / rtotal - torch.log(rtotal) + torch.log(ztotal)
     if logp_on:
         ref_logp = part[KL_PLANES["ry"]].sum(0) - rlse
     return kl, lse, rlse, logp, ref_logp, stats

@@ -6,6 +6,8 @@ dtype, upcast to fp32 before log_softmax).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -50,3 +52,179 @@ def eager_kl(hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bia
 def as_float64(*tensors):
     return tuple(None if t is None else t.detach().double().requires_grad_(t.requires_grad)
                  for t in tensors)
+
+
+# ---------------------------------------------------------------- preference losses, TRL's way
+# An independent eager derivation of every loss in fusedpref.losses, written the way TRL's
+# trainers compute them (full logits, log_softmax, gather, masked sums, then one if/elif per
+# loss type). It shares no code with fusedpref.losses, so tests and the benchmark's error
+# column compare two derivations.
+
+def _seq_logps(hidden, weight, bias, targets, ignore_index, softcap):
+    logits = eager_logits(hidden, weight, bias, softcap)
+    mask = targets != ignore_index
+    labels = torch.where(mask, targets, torch.zeros_like(targets)).long()
+    per_token = torch.gather(logits.log_softmax(-1), -1, labels.unsqueeze(-1)).squeeze(-1)
+    return (per_token * mask).sum(-1), logits, mask
+
+
+def _log1mexp(x):
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _reduce(losses, reduction):
+    return losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
+
+
+def eager_preference_loss(hidden, weight, targets, *, loss_type, beta, bias=None, ref_hidden=None,
+                          ref_weight=None, ref_bias=None, ref_logps=None, ignore_index=-100, softcap=None,
+                          label_smoothing=0.0, loss_weights=None, reduction="mean", average_log_prob=False,
+                          nll_targets=None, discopop_tau=0.05, gamma=0.5, alpha=1.0, expo_kl="vocab",
+                          expo_kl_on="both"):
+    """(loss, metrics) of fusedpref.preference_loss, from full logits."""
+    import torch.nn.functional as F
+
+    logps, logits, mask = _seq_logps(hidden, weight, bias, targets, ignore_index, softcap)
+    b = logps.shape[0] // 2
+    n_tok = mask.sum(-1).to(logps.dtype)
+    lens = n_tok.clamp(min=1)
+    lp_tok = logits.log_softmax(-1)
+    ref_lp_tok = None
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref_logps, ref_logits, _ = _seq_logps(ref_hidden, ref_weight, ref_bias, targets, ignore_index, softcap)
+            ref_lp_tok = ref_logits.log_softmax(-1)
+    c_sum, r_sum = logps[:b], logps[b:]
+    lc, lr = lens[:b], lens[b:]
+    if nll_targets is None:
+        nll = -c_sum.sum() / n_tok[:b].sum().clamp(min=1)
+    else:
+        nt = nll_targets[:b]
+        nll_seq, _, nmask = _seq_logps(hidden[:b], weight, bias, nt, ignore_index, softcap)
+        nll = -nll_seq.sum() / nmask.sum().clamp(min=1)
+    avg = average_log_prob
+    c, r = (c_sum / lc, r_sum / lr) if avg else (c_sum, r_sum)
+    if ref_logps is not None:
+        rc, rr = (ref_logps[:b] / lc, ref_logps[b:] / lr) if avg else (ref_logps[:b], ref_logps[b:])
+        chosen_logratios, rejected_logratios = c - rc, r - rr
+        logits_ = (c - r) - (rc - rr)
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = loss_weights or [1.0] * len(types)
+    ls = label_smoothing
+    total = 0
+    for t, w in zip(types, weights):
+        if t == "sigmoid":
+            losses = -F.logsigmoid(beta * logits_) * (1 - ls) - F.logsigmoid(-beta * logits_) * ls
+        elif t == "hinge":
+            losses = torch.relu(1 - beta * logits_)
+        elif t == "ipo":
+            losses = ((chosen_logratios / lc - rejected_logratios / lr) - 1 / (2 * beta)) ** 2
+        elif t == "exo_pair":
+            losses = (beta * logits_).sigmoid() * (F.logsigmoid(beta * logits_) - math.log(1 - ls)) + \
+                (-beta * logits_).sigmoid() * (F.logsigmoid(-beta * logits_) - math.log(ls))
+        elif t == "nca_pair":
+            cr, rrw = chosen_logratios * beta, rejected_logratios * beta
+            losses = -F.logsigmoid(cr) - 0.5 * F.logsigmoid(-cr) - 0.5 * F.logsigmoid(-rrw)
+        elif t == "robust":
+            losses = (-F.logsigmoid(beta * logits_) * (1 - ls) + F.logsigmoid(-beta * logits_) * ls) / (1 - 2 * ls)
+        elif t == "bco_pair":
+            losses = -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-(beta * rejected_logratios))
+        elif t == "sppo_hard":
+            losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+        elif t == "aot":
+            d = torch.sort(c - r, dim=0)[0] - torch.sort(rc - rr, dim=0)[0]
+            losses = -F.logsigmoid(beta * d) * (1 - ls) - F.logsigmoid(-beta * d) * ls
+        elif t == "aot_unpaired":
+            d = torch.sort(chosen_logratios, dim=0)[0] - torch.sort(rejected_logratios, dim=0)[0]
+            losses = -F.logsigmoid(beta * d) * (1 - ls) - F.logsigmoid(-beta * d) * ls
+        elif t == "apo_zero":
+            losses = (1 - F.sigmoid(beta * chosen_logratios)) + F.sigmoid(beta * rejected_logratios)
+        elif t == "apo_down":
+            losses = F.sigmoid(beta * chosen_logratios) + (1 - F.sigmoid(beta * (chosen_logratios - rejected_logratios)))
+        elif t == "discopop":
+            lg = logits_ * beta
+            mod = torch.sigmoid(lg / discopop_tau)
+            losses = -F.logsigmoid(lg) * (1 - mod) + torch.exp(-lg) * mod
+        elif t == "sft":
+            losses = nll.expand(b)
+        elif t == "sigmoid_norm":
+            losses = -F.logsigmoid(beta * (chosen_logratios / lc - rejected_logratios / lr))
+        elif t == "simpo":
+            lg = (c / lc - r / lr) - gamma / beta
+            losses = -F.logsigmoid(beta * lg) * (1 - ls) - F.logsigmoid(-beta * lg) * ls
+        elif t == "cpo":
+            lg = c - r
+            losses = -F.logsigmoid(beta * lg) * (1 - ls) - F.logsigmoid(-beta * lg) * ls + alpha * nll
+        elif t == "orpo":
+            ca, ra = c / lc, r / lr
+            log_odds = (ca - ra) - (_log1mexp(ca) - _log1mexp(ra))
+            losses = nll - beta * F.logsigmoid(log_odds)
+        elif t in ("expo", "typo"):
+            sc, sr = (c_sum / lc, r_sum / lr) if avg else (c_sum, r_sum)
+            sup = F.softplus(-(sc - sr))
+            if expo_kl == "vocab":
+                kl_seq = ((ref_lp_tok.exp() * (ref_lp_tok - lp_tok)).sum(-1) * mask).sum(-1)
+            else:
+                kl_seq = ref_logps.detach() - logps
+            kc, kr = kl_seq[:b], kl_seq[b:]
+            kl = kc if expo_kl_on == "chosen" else kr if expo_kl_on == "rejected" else 0.5 * (kc + kr)
+            losses = sup + beta * kl
+        else:
+            raise KeyError(t)
+        total = total + w * losses
+    # metrics, TRL style, from the full logits
+    first = types[0]
+    if first in ("expo", "typo"):          # EXPO's average_log_prob touches its supervised term only
+        c, r = c_sum, r_sum
+    if first in ("simpo", "orpo"):
+        rwc, rwr = beta * c_sum / lc, beta * r_sum / lr
+    elif first in ("cpo", "expo", "typo") or ref_logps is None:
+        rwc, rwr = beta * c, beta * r
+    else:
+        rwc, rwr = beta * (c - rc), beta * (r - rr)
+    with torch.no_grad():
+        mc, mr = mask[:b].to(logits.dtype), mask[b:].to(logits.dtype)
+        ent = -(lp_tok.exp() * lp_tok).sum(-1)
+        acc = (logits.argmax(-1) == targets).to(logits.dtype)
+        m = mask.to(logits.dtype)
+        metrics = {
+            "rewards/chosen": rwc.mean(), "rewards/rejected": rwr.mean(),
+            "rewards/accuracies": (rwc > rwr).to(logits.dtype).mean(),
+            "rewards/margins": (rwc - rwr).mean(),
+            "logps/chosen": c.mean(), "logps/rejected": r.mean(),
+            "logits/chosen": (logits[:b].mean(-1) * mc).sum() / mc.sum().clamp(min=1),
+            "logits/rejected": (logits[b:].mean(-1) * mr).sum() / mr.sum().clamp(min=1),
+            "entropy": (ent * m).sum() / m.sum().clamp(min=1),
+            "mean_token_accuracy": (acc[:b] * mc).sum() / mc.sum().clamp(min=1),
+        }
+    return _reduce(total, reduction), metrics
+
+
+def eager_kto_loss(hidden, weight, targets, labels, *, beta, ref_hidden=None, ref_weight=None, ref_logps=None,
+                   kl_hidden=None, kl_targets=None, ref_kl_hidden=None, desirable_weight=1.0,
+                   undesirable_weight=1.0, ignore_index=-100, reduction="mean", average_log_prob=False, bias=None,
+                   softcap=None):
+    """(loss, metrics) of fusedpref.kto_loss, TRL's KTOTrainer way, from full logits."""
+    def seq(h, w, bb, t):
+        s, _, m = _seq_logps(h, w, bb, t, ignore_index, softcap)
+        return s / m.sum(-1).clamp(min=1) if average_log_prob else s
+
+    logps = seq(hidden, weight, bias, targets)
+    with torch.no_grad():
+        ref = seq(ref_hidden, ref_weight, None, targets) if ref_hidden is not None else ref_logps
+        if kl_hidden is not None:
+            kl = (seq(kl_hidden, weight, bias, kl_targets) - seq(ref_kl_hidden, ref_weight, None, kl_targets))
+            kl = kl.mean().clamp(min=0)
+        else:
+            kl = logps.new_zeros(())
+    ch, rj = logps[labels] - ref[labels], logps[~labels] - ref[~labels]
+    per = torch.empty_like(logps)
+    per[labels] = desirable_weight * (1 - torch.sigmoid(beta * (ch - kl)))
+    per[~labels] = undesirable_weight * (1 - torch.sigmoid(beta * (kl - rj)))
+    with torch.no_grad():
+        rw = beta * (logps - ref)
+        metrics = {"rewards/chosen": rw[labels].mean(), "rewards/rejected": rw[~labels].mean(),
+                   "rewards/margins": rw[labels].mean() - rw[~labels].mean(),
+                   "logps/chosen": logps[labels].mean(), "logps/rejected": logps[~labels].mean(), "kl": kl}
+    return _reduce(per, reduction), metrics

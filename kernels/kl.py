@@ -5,10 +5,13 @@ whole per-token work: one read of each head instead of three).
 Forward (per valid row i, vocabulary split s), with z = policy logits, r = reference logits
 (each from its own hidden state and weight; the hidden sizes and dtypes may differ):
     online log-sum-exp of z (m_z, l_z) and of r (m_r, l_r), and
-    a = sum_v exp(r_v - m_r) (r_v - z_v)          (rescaled with l_r when m_r grows)
+    a = sum_v exp(r_v - m_r) ((r_v - m_r) - (z_v - m_z))     relative to both running maxes:
+        when they grow to m_r', m_z':  a' = e^(m_r - m_r') (a + l_r ((m_r - m_r') - (m_z - m_z')))
+    (an E_ref[r - z] of raw logits would cancel against lse_r - lse_z at large logits)
   LOGP adds the target logits z[y_i], r[y_i]; STATS the policy's sum of logits, unnormalised
   E_p[z] and first argmax (as in logprobs.py). Partials go to fixed planes (PLANES below); the
-  host combines splits: KL = a / l_r - lse_r + lse_z  (= E_{p_ref}[r - z] - lse_r + lse_z),
+  host combines splits (a moved to the global maxes the same way):
+  KL = a / l_r - log l_r + log l_z  (= E_{p_ref}[(r - lse_r) - (z - lse_z)]),
   logp = z[y] - lse_z, ref_logp = r[y] - lse_r.
 
 Backward (policy only; the reference gets no gradient), for g = dL/dKL and, with LOGP,
@@ -66,7 +69,6 @@ def kl_fwd_kernel(
         r = logit_tile(rh_blk, stride_rhn, stride_rhd, rw_ptr + v0 * stride_rwv, stride_rwv, stride_rwd,
                        rb_ptr + v0, softcap, row_mask, col_mask, RD,
                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF_BIAS, HAS_SOFTCAP, REF_DOT_FP32)
-        diff = tl.where(col_mask[None, :], r - z, 0.0)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         r = tl.where(col_mask[None, :], r, float("-inf"))
         # 2. online log-sum-exp of the policy
@@ -78,12 +80,17 @@ def kl_fwd_kernel(
             zsum, pz, amax, aidx = stats_step(zsum, pz, amax, aidx, z, p, col_mask, m_z, mz_new, l_z, alpha_z,
                                               tile_max, v0)
         l_z = l_z * alpha_z + tl.sum(p, axis=1)
-        # 3. online log-sum-exp of the reference and the unnormalised E_ref[r - z]
+        # 3. online log-sum-exp of the reference and the unnormalised E_ref[(r - m_r) - (z - m_z)]:
+        #    move a to both new maxes (nothing to move before the first tile), add this tile
         mr_new = tl.maximum(m_r, tl.max(r, axis=1))
         alpha = tl.exp(m_r - mr_new)
         pr = tl.exp(r - mr_new[:, None])
+        started = l_r > 0
+        shift = tl.where(started, m_r - mr_new, 0.0) - tl.where(started, m_z - mz_new, 0.0)
+        diff = (tl.where(col_mask[None, :], r - mr_new[:, None], 0.0)
+                - tl.where(col_mask[None, :], z - mz_new[:, None], 0.0))      # no -inf - -inf
+        a = alpha * (a + l_r * shift) + tl.sum(pr * diff, axis=1)
         l_r = l_r * alpha + tl.sum(pr, axis=1)
-        a = a * alpha + tl.sum(pr * diff, axis=1)
         m_r = mr_new
         # 4. target logits of both heads (one tile of one split holds the target)
         if LOGP:

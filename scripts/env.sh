@@ -30,6 +30,11 @@ if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.
     "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$CONSTRAINT"
     "$VENV/bin/python" -m pip install -q -c "$CONSTRAINT" trl==1.16.0 transformers==5.24.0 2>&1 | grep -v "^WARNING: Location" || true
     rm -f "$CONSTRAINT"
+    # a failed install is an error, not a later skip
+    "$VENV/bin/python" -c "import liger_kernel.chunked_loss, cut_cross_entropy, trl.kernels, transformers, datasets" || {
+        echo "[fusedpref] error: the benchmark's comparators (liger-kernel, cut-cross-entropy, trl) did not install" >&2
+        exit 1
+    }
 fi
 export PATH="$VENV/bin:$PATH"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"

@@ -5,4 +5,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
+# every optional dependency was installed above: a missing one fails its tests instead of skipping
+export FUSEDPREF_REQUIRE_ALL="${FUSEDPREF_REQUIRE_ALL:-1}"
 exec python -m pytest -q tests "$@"

@@ -19,3 +19,17 @@ def make_head(n_shape, d, v, dtype, *, bias=False, ignore_frac=0.2, seed=0, scal
 
 def leaves(*tensors):
     return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def optional(module: str):
+    """Imports an optional dependency (a comparator, TRL). A user without it gets a skip; under
+    FUSEDPREF_REQUIRE_ALL=1 (set by scripts/test.sh, hence CI, which installs them all) a missing
+    one is an error, so a failed install cannot turn tests into skips."""
+    import importlib
+    import os
+
+    import pytest
+
+    if os.environ.get("FUSEDPREF_REQUIRE_ALL") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-EXPECTED_KERNELS = {"logprob_fwd", "logprob_fwd_stats", "logprob_dz", "mm_acc", "kl_fwd", "kl_fwd_logp_stats",
-                    "kl_dz", "kl_dz_logp"}
+EXPECTED_KERNELS = {"logprob_fwd", "logprob_fwd_stats", "logprob_dz", "mm_acc", "kl_fwd", "kl_fwd_logp",
+                    "kl_fwd_logp_stats", "kl_dz", "kl_dz_logp"}
 
 
 @pytest.fixture(scope="module")

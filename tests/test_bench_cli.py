@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import optional
 
 
 def test_bench_command_writes_table_csv_png(tmp_path):
@@ -44,7 +45,7 @@ def _bench(tmp_path, *args, timeout=300):
 
 
 def test_liger_provider_matches_the_float64_reference(tmp_path):
-    pytest.importorskip("liger_kernel.chunked_loss")
+    optional("liger_kernel.chunked_loss")
     rows, out = _bench(tmp_path, "--providers", "eager,liger")
     assert rows["liger"]["status"] == "ok", rows["liger"]["status"]
     # Liger runs without reference log-probs; its errors are taken against a zero reference
@@ -54,7 +55,7 @@ def test_liger_provider_matches_the_float64_reference(tmp_path):
 
 
 def test_a_failing_provider_is_reported_and_the_others_run(tmp_path):
-    pytest.importorskip("liger_kernel.chunked_loss")
+    optional("liger_kernel.chunked_loss")
     rows, out = _bench(tmp_path, "--providers", "eager,liger", "--loss-type", "ipo")
     assert rows["eager"]["status"] == "ok"
     assert rows["liger"]["status"].startswith("error: ValueError") and "sigmoid" in rows["liger"]["status"]
@@ -75,7 +76,7 @@ def test_a_spent_budget_skips_the_remaining_providers(tmp_path):
 def test_cce_adapter_sums_per_sequence(monkeypatch):
     """The cce provider's adapter (reduction="none", summed per sequence) against the float64
     reference, through CCE's torch implementation (its Triton kernels need CUDA)."""
-    cce = pytest.importorskip("cut_cross_entropy")
+    cce = optional("cut_cross_entropy")
     import torch
     from fusedpref import bench
 
@@ -114,7 +115,7 @@ def test_compile_provider_traces_the_eager_loss():
 
 def test_trl_provider_matches_the_float64_reference():
     """TRL's own chunked LM head, called as DPOTrainer calls it (torch ops on the CPU)."""
-    pytest.importorskip("trl.kernels")
+    optional("trl.kernels")
     import torch
     from fusedpref import bench
 
@@ -124,3 +125,18 @@ def test_trl_provider_matches_the_float64_reference():
         assert max(errs) < 1e-4 and errs[2] < 1e-5, (loss_type, errs)
     with pytest.raises(ValueError, match="no vocabulary KL"):
         bench.loss_fn("trl", "expo", 0.1)
+
+
+def test_comparators_are_installed_where_required():
+    """scripts/test.sh (and so CI) installs every comparator and sets FUSEDPREF_REQUIRE_ALL=1: then
+    each must import, and the bench must report it available."""
+    import os
+
+    if os.environ.get("FUSEDPREF_REQUIRE_ALL") != "1":
+        pytest.skip("comparators are optional outside scripts/test.sh")
+    import torch
+    from fusedpref import bench
+
+    for module in ("liger_kernel.chunked_loss", "cut_cross_entropy", "trl.kernels", "transformers", "datasets"):
+        optional(module)
+    assert bench.available("trl", torch.device("cpu")) and bench.available("liger", torch.device("cpu"))

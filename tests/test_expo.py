@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fusedpref
 from conftest import DEVICE, assert_within
 from fusedpref.losses import LOSSES, Pairs
-from fusedpref.reference import eager_logits
+from fusedpref.reference import eager_logits, eager_preference_loss
 
 B, T, D, V = 3, 8, 20, 89
 
@@ -54,18 +54,25 @@ def test_expo_matches_eager(backend, expo_kl, expo_kl_on):
     h0, w0, y, rh, rw = _data()
     opts = dict(beta=0.3, expo_kl=expo_kl, expo_kl_on=expo_kl_on, average_log_prob=expo_kl_on == "chosen",
                 softcap=6.0)
-    res = {}
+    res, metrics = {}, {}
     for name, dtype in (("fused", torch.float32), ("eager", torch.float32), ("oracle", torch.float64)):
         h, w = (t.detach().to(dtype).requires_grad_() for t in (h0, w0))
         r_h, r_w = rh.to(dtype), rw.to(dtype)
         if name == "fused":
-            loss, _ = fusedpref.preference_loss(h, w, y, loss_type="expo", ref_hidden=r_h, ref_weight=r_w,
-                                                backend=backend, **opts)
+            loss, metrics[name] = fusedpref.preference_loss(h, w, y, loss_type="expo", ref_hidden=r_h,
+                                                            ref_weight=r_w, backend=backend, **opts)
         else:
             loss = eager_expo(h, w, y, r_h, r_w, **opts)
+            # the shared reference (fusedpref.reference) for the loss and its logged metrics
+            ref_loss, metrics[name] = eager_preference_loss(h, w, y, loss_type="expo", ref_hidden=r_h,
+                                                            ref_weight=r_w, **opts)
+            torch.testing.assert_close(ref_loss, loss, rtol=1e-6, atol=1e-6)
         res[name] = (loss, *torch.autograd.grad(loss, (h, w)))
     for i, name in enumerate(["loss", "dH", "dW"]):
         assert_within(name, res["fused"][i], res["eager"][i], res["oracle"][i], torch.float32)
+    assert set(metrics["fused"]) == set(metrics["oracle"])
+    for key, o in metrics["oracle"].items():
+        assert_within(key, metrics["fused"][key], metrics["eager"][key], o, torch.float32)
 
 
 def test_sequence_mode_accepts_ref_logps_and_typo_alias():

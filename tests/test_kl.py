@@ -7,6 +7,8 @@ from conftest import DEVICE, assert_within
 from fusedpref.reference import as_float64, eager_kl, eager_logprobs, eager_token_stats
 from helpers import leaves, make_head
 
+pytestmark = pytest.mark.usefixtures("chunking")
+
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

@@ -4,7 +4,7 @@ import torch
 
 import fusedpref
 from conftest import DEVICE, assert_within
-from trl_reference import _batch_logps
+from fusedpref.reference import eager_kto_loss
 
 N, T, D, V = 5, 8, 16, 61
 
@@ -24,35 +24,31 @@ def _data(seed=0):
     return [t.to(DEVICE) for t in (h, w, y, labels, rh, kl_h, kl_rh, ky)]
 
 
-def _trl_kto(h, w, y, labels, rh, kl_h, kl_rh, ky, beta, wd, wu):
-    logps, _, _ = _batch_logps(h, w, None, y, -100, None)
-    with torch.no_grad():
-        ref, _, _ = _batch_logps(rh, w, None, y, -100, None)
-        kl_pol, _, _ = _batch_logps(kl_h, w, None, ky, -100, None)
-        kl_ref, _, _ = _batch_logps(kl_rh, w, None, ky, -100, None)
-        kl = (kl_pol - kl_ref).mean().clamp(min=0)
-    ch, rj = logps[labels] - ref[labels], logps[~labels] - ref[~labels]
-    losses = torch.cat([wd * (1 - torch.sigmoid(beta * (ch - kl))), wu * (1 - torch.sigmoid(beta * (kl - rj)))])
-    return losses.nanmean(), kl
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_kto_matches_trl_reference(backend):
+@pytest.mark.parametrize("opts", [{}, {"average_log_prob": True, "reduction": "none"},
+                                  {"reduction": "sum", "ignore_index": 5}], ids=["default", "avg-none", "sum-ii5"])
+def test_kto_matches_trl_reference(backend, opts):
+    """Loss, every logged metric and the gradients against TRL's KTOTrainer formulas (float64)."""
     h0, w0, y, labels, rh, kl_h, kl_rh, ky = _data()
+    ii = opts.get("ignore_index", -100)
+    if ii != -100:
+        y, ky = (torch.where(t == -100, torch.full_like(t, ii), t) for t in (y, ky))
     out = {}
     for name, dtype in (("fused", torch.float32), ("eager", torch.float32), ("oracle", torch.float64)):
         h, w = (t.detach().to(dtype).requires_grad_() for t in (h0, w0))
-        args = [t.to(dtype) for t in (rh, kl_h, kl_rh)]
+        args = dict(beta=0.3, ref_hidden=rh.to(dtype), ref_weight=w, kl_hidden=kl_h.to(dtype), kl_targets=ky,
+                    ref_kl_hidden=kl_rh.to(dtype), desirable_weight=1.2, undesirable_weight=0.8, **opts)
         if name == "fused":
-            loss, m = fusedpref.kto_loss(h, w, y, labels, beta=0.3, ref_hidden=args[0], ref_weight=w,
-                                         kl_hidden=args[1], kl_targets=ky, ref_kl_hidden=args[2],
-                                         desirable_weight=1.2, undesirable_weight=0.8, backend=backend)
-            kl = m["kl"]
+            loss, m = fusedpref.kto_loss(h, w, y, labels, backend=backend, **args)
         else:
-            loss, kl = _trl_kto(h, w, y, labels, args[0], args[1], args[2], ky, 0.3, 1.2, 0.8)
-        out[name] = (loss, kl, *torch.autograd.grad(loss, (h, w)))
-    assert out["oracle"][1] > 0  # the KL estimate is active in this test
-    for i, name in enumerate(["loss", "kl", "dH", "dW"]):
+            loss, m = eager_kto_loss(h, w, y, labels, **args)
+        g = torch.linspace(0.5, 1.5, loss.numel(), dtype=dtype, device=DEVICE).view(loss.shape)
+        out[name] = (loss, m, *torch.autograd.grad(loss, (h, w), g))
+    assert out["oracle"][1]["kl"] > 0  # the KL estimate is active in this test
+    assert set(out["fused"][1]) == set(out["oracle"][1])
+    for key, o in out["oracle"][1].items():
+        assert_within(key, out["fused"][1][key], out["eager"][1][key], o, torch.float32)
+    for i, name in [(0, "loss"), (2, "dH"), (3, "dW")]:
         assert_within(name, out["fused"][i], out["eager"][i], out["oracle"][i], torch.float32)
 
 

@@ -7,6 +7,7 @@ from conftest import DEVICE, assert_within
 from fusedpref.reference import as_float64, eager_logprobs, eager_token_stats
 from helpers import leaves, make_head
 
+pytestmark = pytest.mark.usefixtures("chunking")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(37,), (3, 19)]
 
@@ -132,15 +133,23 @@ def test_empty_and_all_ignored(backend):
             assert (t.grad == 0).all() and torch.isfinite(t.grad).all()
 
 
-def test_chunking_is_invisible(monkeypatch):
-    """A vocabulary chunk much smaller than V gives the same numbers as one chunk."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_chunking_is_invisible(monkeypatch, backend):
+    """Vocabulary chunks much smaller than V (boundaries inside tiles) give the numbers of one
+    chunk: log-probs, every statistic (argmax ids are offset by the chunk start), dH, dW, db."""
     h0, w0, b0, y = make_head((40,), 32, 700, torch.float32, bias=True, seed=9)
+    y[:6] = torch.argmax(h0[:6] @ w0.t() + b0, dim=-1)      # argmax hits in late chunks too
     results = []
-    for mb in ["64", "0.001"]:
-        monkeypatch.setenv("FUSEDPREF_CHUNK_MB", mb)
+    for cols in [None, "97"] + (["1"] if backend == "torch" else []):   # 1: 700 interpreter launches
+        if cols is None:
+            monkeypatch.delenv("FUSEDPREF_CHUNK_COLS", raising=False)
+        else:
+            monkeypatch.setenv("FUSEDPREF_CHUNK_COLS", cols)
         h, w, b = leaves(h0, w0, b0)
-        out = fusedpref.linear_logprobs(h, w, y, bias=b, softcap=4.0, backend="torch")
-        out.backward(torch.linspace(-1, 1, 40))
-        results.append([out, h.grad, w.grad, b.grad])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        out, stats = fusedpref.LinearLogProbs.apply(h, w, y, b, -100, 4.0, backend, True)
+        out.backward(torch.linspace(-1, 1, 40, device=DEVICE))
+        results.append([out, stats, h.grad, w.grad, b.grad])
+    assert results[0][1][:6, 2].sum() >= 5
+    for other in results[1:]:
+        for name, a, b in zip(["logp", "stats", "dH", "dW", "db"], results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

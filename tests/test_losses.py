@@ -40,28 +40,89 @@ def test_registry_has_every_loss():
     assert trl_dpo | {"simpo", "cpo", "orpo"} <= set(LOSSES)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("loss_type", ALL)
-def test_loss_metrics_grads_match_trl_reference(loss_type, backend):
-    h0, w0, b0, y, rh, rw = _batch()
-    g_ref = dict(ref_hidden=rh, ref_weight=rw) if LOSSES[loss_type].needs_ref else {}
+def _compare(backend, loss_type, *, reduction="mean", seed=0, targets_dtype=torch.int64, ignore_index=-100,
+             nll=False, **kw):
+    """fused vs eager fp32 vs float64 oracle: loss, every metric, dH, dW, db under the rule."""
+    h0, w0, b0, y, rh, rw = _batch(seed)
+    if ignore_index != -100:
+        y = torch.where(y == -100, torch.full_like(y, ignore_index), y)
+    y = y.to(targets_dtype)
+    types = [loss_type] if isinstance(loss_type, str) else loss_type
+    g_ref = dict(ref_hidden=rh, ref_weight=rw) if any(LOSSES[t].needs_ref for t in types) else {}
+    extra = {}
+    if nll:   # ORPOTrainer's NLL over prompt + completion: every position of the chosen rows
+        nt = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+        nt[:, -1] = ignore_index
+        extra["nll_targets"] = nt
 
     def run(fn, dtype):
         h, w, b = (t.detach().to(dtype).requires_grad_() for t in (h0, w0, b0))
-        extra = {k: v.to(dtype) for k, v in g_ref.items()}
-        loss, metrics = fn(h, w, y, loss_type=loss_type, beta=0.7, bias=b, softcap=5.0, **extra, **_kw(loss_type))
-        grads = torch.autograd.grad(loss, (h, w, b))
+        refs = {k: v.to(dtype) for k, v in g_ref.items()}
+        loss, metrics = fn(h, w, y, loss_type=loss_type, beta=0.7, bias=b, softcap=5.0, reduction=reduction,
+                           ignore_index=ignore_index, **refs, **extra, **kw)
+        g = torch.linspace(-1, 1, loss.numel(), dtype=dtype, device=DEVICE).view(loss.shape) + 1.5
+        grads = torch.autograd.grad(loss, (h, w, b), g)   # a non-uniform upstream gradient for "none"
         return loss, metrics, grads
 
     fused = run(lambda *a, **k: fusedpref.preference_loss(*a, backend=backend, **k), torch.float32)
     eager = run(trl_loss, torch.float32)
     oracle = run(trl_loss, torch.float64)
+    assert fused[0].shape == oracle[0].shape == ((B,) if reduction == "none" else ())
     assert_within("loss", fused[0], eager[0], oracle[0], torch.float32)
+    assert set(fused[1]) == set(oracle[1])
     for name, o in oracle[1].items():
         assert_within(name, fused[1][name], eager[1][name], o, torch.float32)
     for name, f, e, o in zip(["dH", "dW", "db"], fused[2], eager[2], oracle[2]):
         assert_within(name, f, e, o, torch.float32)
-    assert fused[0].requires_grad and fused[0].dim() == 0
+    assert fused[0].requires_grad
+    return fused
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type", ALL)
+def test_loss_metrics_grads_match_trl_reference(loss_type, backend):
+    _compare(backend, loss_type, **_kw(loss_type))
+
+
+# every loss parameter away from its default, each against the independent reference
+PARAM_CASES = [
+    ("sigmoid", {"label_smoothing": 0.2}),
+    ("exo_pair", {"label_smoothing": 0.1}),
+    ("robust", {"label_smoothing": 0.2}),
+    ("aot", {"label_smoothing": 0.3}),
+    ("aot_unpaired", {"label_smoothing": 0.15}),
+    ("simpo", {"label_smoothing": 0.1, "gamma": 1.3}),
+    ("simpo", {"gamma": 0.0}),
+    ("cpo", {"label_smoothing": 0.25, "alpha": 0.4}),
+    ("cpo", {"alpha": 0.0}),
+    ("discopop", {"discopop_tau": 0.3}),
+    (["sigmoid", "sft"], {"loss_weights": [0.7, 0.3]}),
+    (["ipo", "bco_pair", "hinge"], {"loss_weights": [1.0, 0.5, 2.0]}),
+    (["simpo", "sft"], {"loss_weights": [1.0, 0.2], "gamma": 0.8}),
+    ("sigmoid", {"average_log_prob": True}),
+    ("hinge", {"average_log_prob": True}),
+    ("apo_zero", {"average_log_prob": True}),
+    ("nca_pair", {"average_log_prob": True}),
+    ("sppo_hard", {"average_log_prob": True}),
+    ("orpo", {"nll": True}),
+    ("cpo", {"nll": True}),
+    ("sft", {"nll": True}),
+    ("sigmoid", {"ignore_index": 0}),             # a custom ignore_index (0 is also a vocabulary id)
+    ("ipo", {"targets_dtype": torch.int32}),
+    ("simpo", {"targets_dtype": torch.int16}),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type,kw", PARAM_CASES, ids=lambda x: str(x).replace(" ", ""))
+def test_every_loss_parameter_matches_trl_reference(loss_type, kw, backend):
+    _compare(backend, loss_type, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("loss_type", ALL)
+def test_every_reduction_matches_trl_reference(loss_type, reduction):
+    _compare("torch", loss_type, reduction=reduction, **_kw(loss_type))
 
 
 @pytest.mark.parametrize("loss_type", ALL)
@@ -73,7 +134,7 @@ def test_gradcheck_loss_math(loss_type):
 
     def f(c, r, rc, rr):
         p = Pairs(c, r, rc if spec.needs_ref else None, rr if spec.needs_ref else None, lens, lens.flip(0),
-                  0.6, NEEDS_LS.get(loss_type, 0.0), dict(spec.params))
+                  0.6, NEEDS_LS.get(loss_type, 0.0), dict(spec.params), nll=-c.sum() / lens.sum())
         return spec.fn(p)
 
     # log-probs of 2-7 tokens, strictly negative and distinct (aot sorts them)
