@@ -47,7 +47,7 @@ def _warn_empty(mask, kind):
                       "their length counts as 1 in length-normalised losses", UserWarning, stacklevel=3)
 
 
-def _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, needs_ref, types):
+def _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, needs_ref, types, rows="2B"):
     """Checks the reference inputs: a head (ref_hidden, ref_weight, ref_bias) or ref_logps [n]."""
     has_head = ref_hidden is not None or ref_weight is not None
     if has_head and ref_logps is not None:
@@ -62,8 +62,8 @@ def _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, ne
         _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias)
     if ref_logps is not None and (not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (n,)
                                   or not ref_logps.is_floating_point()):
-        raise ValueError(f"ref_logps must be a floating tensor of shape [{'2B' if n == hidden.shape[0] else 'N'}]"
-                         f"=[{n}], got {getattr(ref_logps, 'shape', type(ref_logps).__name__)}")
+        raise ValueError(f"ref_logps must be a floating tensor of shape [{rows}]=[{n}], got "
+                         f"{getattr(ref_logps, 'shape', type(ref_logps).__name__)}")
     return has_head
 
 
@@ -252,7 +252,7 @@ def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,) or labels.dtype != torch.bool:
         raise ValueError(f"labels must be a bool tensor of shape [N]=[{n}] (True = desirable), got "
                          f"{getattr(labels, 'dtype', type(labels).__name__)} {list(getattr(labels, 'shape', []))}")
-    has_head = _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, True, ["kto"])
+    has_head = _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, True, ["kto"], "N")
     fused_kl = any(t is not None for t in (kl_hidden, ref_kl_hidden, kl_targets))
     pre_kl = kl_logps is not None or ref_kl_logps is not None
     if fused_kl and pre_kl:

@@ -407,11 +407,11 @@ TABLE_COLS = ["provider", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "extra_mb
               "err_loss", "err_dh", "err_dw", "status"]
 
 
-def print_table(rows, meta, shape, peak, n_valid, units, loss_type):
+def print_table(rows, meta, shape, peak, n_valid, units, loss_type, beta):
     pairs, seq, d, v = shape
     print(f"# {meta['date']}  {meta['device']}  commit {meta['commit']}  torch {meta['torch']}  "
           f"triton {meta['triton']}  FUSEDPREF_CHUNK_MB={meta['chunk_mb']}")
-    print(f"# {pairs} pairs x {seq} tokens ({n_valid} valid), D={d}, V={v}, {meta['dtype']}, loss {loss_type}; "
+    print(f"# {pairs} pairs x {seq} tokens ({n_valid} valid), D={d}, V={v}, {meta['dtype']}, loss {loss_type} (beta {beta:g}); "
           f"measured matmul peak {peak:.3g} TFLOP/s; TFLOP/s counts {units}*N_valid*D*V")
     print("| " + " | ".join(TABLE_COLS) + " |")
     print("|" + "---|" * len(TABLE_COLS))
@@ -520,7 +520,7 @@ def run(argv=None):
             res["pct_of_peak"] = 100 * res["tflops"] / peak
         for kind in ks:
             row = {**meta, "provider": prov, "pairs": s[0], "seq": s[1], "tokens": 2 * s[0] * s[1],
-                   "d": s[2], "v": s[3], "loss_type": a.loss_type, "frozen": a.frozen,
+                   "d": s[2], "v": s[3], "loss_type": a.loss_type, "beta": a.beta, "frozen": a.frozen,
                    "matmul_peak_tflops": peak, "sweep": kind, **res}
             (rows if kind == "table" else sweep_rows).append(row)
         if bar:
@@ -543,7 +543,7 @@ def run(argv=None):
     rows.sort(key=lambda r: order[r["provider"]])
     n_valid = 2 * a.pairs * (a.seq - int(a.seq * a.prompt_frac))
     units = (12 if is_expo(a.loss_type) else 8) - (2 if a.frozen else 0)
-    print_table(rows, meta, shape, peak, n_valid, units, a.loss_type)
+    print_table(rows, meta, shape, peak, n_valid, units, a.loss_type, a.beta)
     if skipped:
         print(f"# skipped (not available here): {', '.join(skipped)}")
     by = {r["provider"]: r for r in rows}

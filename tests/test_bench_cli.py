@@ -140,3 +140,15 @@ def test_comparators_are_installed_where_required():
     for module in ("liger_kernel.chunked_loss", "cut_cross_entropy", "trl.kernels", "transformers", "datasets"):
         optional(module)
     assert bench.available("trl", torch.device("cpu")) and bench.available("liger", torch.device("cpu"))
+
+
+def test_frozen_dtype_prompt_frac_and_beta_flags(tmp_path):
+    rows, out = _bench(tmp_path, "--providers", "eager,fused-torch", "--frozen", "--dtype", "bfloat16",
+                       "--prompt-frac", "0.25", "--beta", "0.3")
+    for r in rows.values():
+        assert r["status"] == "ok", r["status"]
+        assert r["frozen"] == "True" and r["dtype"] == "bfloat16", r
+        assert int(r["n_valid"]) == 2 * (32 - 8)                  # 1 pair x 2 x (32 - 25% prompt)
+        assert float(r["flops"]) == 6 * int(r["n_valid"]) * 32 * 1000    # frozen: no dW work
+        assert float(r["err_loss"]) < 5e-2 and float(r["err_dh"]) < 5e-2   # bf16
+    assert "(beta 0.3)" in out and all(r["beta"] == "0.3" for r in rows.values()), out[:800]

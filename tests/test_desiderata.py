@@ -64,3 +64,18 @@ def test_run_writes_figures(tmp_path):
     assert len(rows) == 2 * 3 * 2 + 2 * 3 * 2
     for name in ("desiderata_interpolation.png", "desiderata_preservation.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_the_cli_command_writes_figures(tmp_path):
+    """`fusedpref desiderata --out DIR` end to end (few optimizer steps)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fusedpref.cli", "desiderata", "--out", str(tmp_path),
+                           "--adam-steps", "3", "--lbfgs-steps", "3"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("desiderata_interpolation.png", "desiderata_preservation.png"):
+        assert (tmp_path / name).stat().st_size > 10_000

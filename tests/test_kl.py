@@ -127,3 +127,18 @@ def test_logprobs_kl_equals_the_separate_primitives(backend):
     fusedpref.linear_kl(h4, w4, rh, rw, y, backend=backend).sum().backward()
     torch.testing.assert_close(h3.grad, h4.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w3.grad, w4.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_ignore_index_and_int32_targets(backend):
+    h, w, _, y = make_head((2, 9), 24, 300, torch.float32, seed=7)
+    rh, rw, _, _ = make_head((2, 9), 24, 300, torch.float32, seed=8)
+    y7 = torch.where(y == -100, torch.full_like(y, 7), y).to(torch.int32)   # 7 is also a vocabulary id
+    a = fusedpref.linear_kl(h, w, rh, rw, y7, ignore_index=7, backend=backend)
+    b = fusedpref.linear_kl(h, w, rh, rw, y, backend=backend)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    lp, rlp, kl = fusedpref.linear_logprobs_kl(h, w, rh, rw, y7, ignore_index=7, backend=backend)
+    lp2, rlp2, kl2 = fusedpref.linear_logprobs_kl(h, w, rh, rw, y, backend=backend)
+    for x, z in ((lp, lp2), (rlp, rlp2), (kl, kl2)):
+        torch.testing.assert_close(x, z, rtol=0, atol=0)
+    assert (lp[y7 == 7] == 0).all() and (kl[y7 == 7] == 0).all()

@@ -1,0 +1,134 @@
+"""Plants named single-line bugs, one at a time, in a temporary copy of the checkout and runs
+the tests that should catch each; reports which mutants survive (a surviving mutant is a hole
+in the suite). Not part of CI (several minutes); run it before resolving a testing issue:
+
+    python scripts/mutants.py                 # every mutant; exit 1 if any survives
+    python scripts/mutants.py --only kl_shift # by name (repeatable)
+    python scripts/mutants.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str          # file in the checkout
+    old: str           # exact text, must occur once
+    new: str
+    tests: tuple       # pytest arguments that must fail
+
+
+MUTANTS = [
+    Mutant("dz_chunk_offset", "kernels/logprobs.py", "v0 = v_lo + col0", "v0 = col0",
+           ("tests/test_logprobs.py", "-k", "triton and forward_backward")),
+    Mutant("sigmoid_drops_label_smoothing", "fusedpref/losses.py",
+           "return _smoothed_sigmoid(p.beta * p.margin, p.label_smoothing)",
+           "return _smoothed_sigmoid(p.beta * p.margin, 0.0)", ("tests/test_losses.py",)),
+    Mutant("kto_rewards_swapped", "fusedpref/api.py",
+           'metrics = {"rewards/chosen": masked_mean(rewards, d), "rewards/rejected": masked_mean(rewards, u),',
+           'metrics = {"rewards/chosen": masked_mean(rewards, u), "rewards/rejected": masked_mean(rewards, d),',
+           ("tests/test_kto.py",)),
+    Mutant("torch_argmax_offset", "fusedpref/chunked.py", "self.aidx = torch.where(better, carg + v0, self.aidx)",
+           "self.aidx = torch.where(better, carg, self.aidx)", ("tests/test_logprobs.py", "-k", "torch and stats")),
+    Mutant("triton_argmax_offset", "kernels/tiles.py", "tile_arg = (tl.argmax(z, axis=1) + v0).to(tl.int32)",
+           "tile_arg = tl.argmax(z, axis=1).to(tl.int32)", ("tests/test_logprobs.py", "-k", "triton and stats")),
+    Mutant("kl_shift_dropped", "kernels/kl.py", "a = alpha * (a + l_r * shift) + tl.sum(pr * diff, axis=1)",
+           "a = alpha * a + tl.sum(pr * diff, axis=1)", ("tests/test_kl.py", "-k", "triton and kl_matches")),
+    Mutant("split_combine_unscaled", "fusedpref/ops.py", "total = (l * scale).sum(0)", "total = l.sum(0)",
+           ("tests/test_logprobs.py", "-k", "triton and forward_backward")),
+    Mutant("softcap_derivative", "kernels/logprobs.py", "        dz = dz * (1.0 - c * c)", "        dz = dz * (1.0 - c)",
+           ("tests/test_logprobs.py", "-k", "triton and forward_backward and cap")),
+    Mutant("ipo_target_margin", "fusedpref/losses.py", "return (delta - 1 / (2 * p.beta)) ** 2",
+           "return (delta - 1 / p.beta) ** 2", ("tests/test_losses.py", "-k", "ipo")),
+    Mutant("entropy_metric_chosen_only", "fusedpref/api.py", '"entropy": token_mean(stats[..., 1], m),',
+           '"entropy": token_mean(stats[:b, :, 1], mc),', ("tests/test_losses.py", "-k", "trl_reference and torch")),
+    Mutant("nll_counts_all_tokens", "fusedpref/api.py",
+           "return -logps[:b].sum() / mask[:b].sum().clamp(min=1).to(logps.dtype)",
+           "return -logps[:b].sum() / mask.sum().clamp(min=1).to(logps.dtype)", ("tests/test_losses.py", "-k", "sft")),
+    Mutant("orpo_unstable_log1mexp", "fusedpref/losses.py",
+           "return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))",
+           "return torch.log1p(-torch.exp(x))", ("tests/test_reliability.py", "-k", "orpo")),
+    Mutant("no_target_range_check", "fusedpref/_library.py", "        if err is not None:\n            raise err",
+           "        if err is not None:\n            pass", ("tests/test_errors.py",)),
+    Mutant("autocast_ignored", "fusedpref/functions.py", "    if dt is None:\n        return tensors",
+           "    if True:\n        return tensors", ("tests/test_reliability.py", "-k", "autocast")),
+    Mutant("trl_mean_logits", "fusedpref/integrations/trl.py", "mean_logits = stats[:, 0] / weight.shape[0]",
+           "mean_logits = stats[:, 0] / (weight.shape[0] - 1)", ("tests/test_trl_integration.py", "-k", "matches_trls_own")),
+    Mutant("kl_dz_sign", "kernels/kl.py", "dz = g[:, None] * (p - tl.exp(r - rlse[:, None]))",
+           "dz = g[:, None] * (tl.exp(r - rlse[:, None]) - p)", ("tests/test_kl.py", "-k", "triton and kl_matches")),
+]
+
+
+def _copy_tree(dst):
+    ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis",
+                                    "out", "bench")
+    shutil.copytree(ROOT, dst, ignore=ignore)
+    # the installed layout: kernels/ is importable as fusedpref.kernels
+    os.symlink(os.path.join(dst, "kernels"), os.path.join(dst, "fusedpref", "kernels"))
+
+
+def run_one(m: Mutant, python: str, timeout: float) -> tuple[str, float]:
+    with tempfile.TemporaryDirectory(prefix="fusedpref-mutant-") as tmp:
+        tree = os.path.join(tmp, "tree")
+        _copy_tree(tree)
+        path = os.path.join(tree, m.path)
+        text = open(path).read()
+        if text.count(m.old) != 1:
+            return f"stale: {m.old!r} occurs {text.count(m.old)} times in {m.path}", 0.0
+        open(path, "w").write(text.replace(m.old, m.new))
+        env = {**os.environ, "PYTHONPATH": tree, "PYTHONDONTWRITEBYTECODE": "1"}
+        where = subprocess.run([python, "-c", "import fusedpref, fusedpref.kernels as k; print(fusedpref.__file__, "
+                                "k.__file__)"], capture_output=True, text=True, env=env, cwd=tree)
+        if tree not in where.stdout:
+            return f"error: the copy is not what gets imported ({where.stdout.strip()} {where.stderr[-300:]})", 0.0
+        t0 = time.time()
+        try:
+            proc = subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests],
+                                  capture_output=True, text=True, env=env, cwd=tree, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "killed (timeout)", time.time() - t0
+        dt = time.time() - t0
+        if proc.returncode == 1:
+            return "killed", dt
+        if proc.returncode == 0:
+            return "SURVIVED", dt
+        return f"error: pytest exit {proc.returncode}: {proc.stdout[-300:]}", dt
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", default=[], help="run this mutant (by name); repeatable")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per mutant (default 600)")
+    a = p.parse_args(argv)
+    if a.list:
+        for m in MUTANTS:
+            print(f"{m.name:32s} {m.path}: {m.old.strip()!r} -> {m.new.strip()!r}")
+        return 0
+    chosen = [m for m in MUTANTS if not a.only or m.name in a.only]
+    unknown = set(a.only) - {m.name for m in MUTANTS}
+    if unknown:
+        p.error(f"unknown mutant(s) {sorted(unknown)}; see --list")
+    t_all = time.time()
+    bad = 0
+    for m in chosen:
+        verdict, dt = run_one(m, sys.executable, a.timeout)
+        bad += not verdict.startswith("killed")
+        print(f"{m.name:32s} {verdict:10s} {dt:6.1f} s   ({' '.join(m.tests)})", flush=True)
+    print(f"# {len(chosen) - bad} of {len(chosen)} mutants killed in {time.time() - t_all:.0f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
