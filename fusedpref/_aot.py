@@ -22,8 +22,7 @@ _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 def _specs(arch: int, dtype: torch.dtype):
     """(name, kernel, signature, constexprs, launch options) for every kernel launch kind."""
-    from . import config
-    from . import kernels
+    from . import config, kernels, schedule
 
     t = _TT[dtype]
     cfg = {k: config.TILES[(k, arch, dtype)]
@@ -43,12 +42,13 @@ def _specs(arch: int, dtype: torch.dtype):
            "V": "i32", "D": "i32", "v_lo": "i32", "n_cols": "i32", **strides, "stride_dzn": "i32",
            "stride_dbn": "i32", "softcap": "fp32"}
     yield ("logprob_dz", kernels.logprob_dz_kernel, sig,
-           {**unit, **flags, "HAS_DB": True, **cfg["dz"].constexprs()}, cfg["dz"].launch())
+           {**unit, **flags, "HAS_DB": True, "GROUP_M": schedule.GROUP_M, **cfg["dz"].constexprs()},
+           cfg["dz"].launch())
     sig = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_am": "i32", "stride_ak": "constexpr", "stride_bk": "i32", "stride_bn": "constexpr",
            "stride_cm": "i32", "stride_cn": "constexpr"}
     const = {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1, "BLOCK_M": mt.BLOCK_N, "BLOCK_N": mt.BLOCK_V,
-             "BLOCK_K": mt.BLOCK_D, "GROUP_M": config.GROUP_M, "DOT_FP32": False}
+             "BLOCK_K": mt.BLOCK_D, "GROUP_M": schedule.GROUP_M, "DOT_FP32": False}
     yield ("mm_acc", kernels.mm_acc_kernel, sig, const, mt.launch())
     ref = {"rh_ptr": f"*{t}", "rw_ptr": f"*{t}", "rb_ptr": f"*{t}"}
     rstrides = {"stride_rhn": "i32", "stride_rhd": "constexpr", "stride_rwv": "i32", "stride_rwd": "constexpr"}
@@ -68,7 +68,8 @@ def _specs(arch: int, dtype: torch.dtype):
                "db_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "RD": "i32", "v_lo": "i32",
                "n_cols": "i32", **strides, **rstrides, "stride_dzn": "i32", "stride_dbn": "i32", "softcap": "fp32"}
         yield (f"kl_dz{'_logp' if logp else ''}", kernels.kl_dz_kernel, sig,
-               {**kl_flags, "LOGP": logp, "HAS_DB": True, **kt.constexprs()}, kt.launch())
+               {**kl_flags, "LOGP": logp, "HAS_DB": True, "GROUP_M": schedule.GROUP_M, **kt.constexprs()},
+               kt.launch())
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -84,25 +85,36 @@ def _resource_usage(cubin: bytes) -> dict:
     return {k: int(v) for k, v in zip(("reg", "stack", "shared", "local"), m.groups())}
 
 
+# The two binaries of each kernel that are checked:
+#   general  bias and soft-cap on; pointers 16-byte aligned, strides and hidden sizes divisible
+#            by 16 (row counts and vocabulary sizes arbitrary)
+#   spec     what the JIT builds at the main shape (N=16384, D=4096, V=128256, no bias, no
+#            soft-cap): every integer argument divisible by 16 except the split count
+VARIANTS = ("general", "spec")
+_OFF = ("HAS_BIAS", "HAS_SOFTCAP", "HAS_REF_BIAS")
+
+
 def compile_one(job):
-    arch, dtype_name, index = job
+    arch, dtype_name, index, variant = job
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     dtype = getattr(torch, dtype_name)
     name, fn, sig, const, launch = list(_specs(arch, dtype))[index]
-    # What the JIT specializes on a real launch at LLM shapes: 16-byte aligned pointers, strides
-    # and hidden sizes divisible by 16 (row counts and vocabulary sizes are left arbitrary).
-    aligned = {"D", "RD", "v_per_split", "v_lo"} | ({"N"} if name == "mm_acc" else set())
+    if variant == "spec":
+        const = {k: (False if k in _OFF else v) for k, v in const.items()}
+        aligned = {k for k, ty in sig.items() if ty == "i32" and k != "n_splits"}
+    else:
+        aligned = {"D", "RD", "v_per_split", "v_lo"} | ({"N"} if name == "mm_acc" else set())
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, ty in sig.items()
              if ty.startswith("*") or (ty != "constexpr" and (k.startswith("stride_") or k in aligned))}
     src = ASTSource(fn, sig, const, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch * 10, 32), options=launch)
     usage = _resource_usage(compiled.asm["cubin"])
-    return {"kernel": name, "arch": f"sm_{arch}0", "dtype": dtype_name,
-            "wgmma": "wgmma" in compiled.asm["ptx"], "shared_bytes": compiled.metadata.shared,
-            **usage}
+    return {"kernel": name, "variant": variant, "arch": f"sm_{arch}0", "dtype": dtype_name,
+            "triton": triton.__version__, "wgmma": "wgmma" in compiled.asm["ptx"],
+            "shared_bytes": compiled.metadata.shared, **usage}
 
 
 def jobs():
@@ -110,7 +122,7 @@ def jobs():
     for arch in (8, 9):
         for dtype in _TT:
             n = len(list(_specs(arch, dtype)))
-            out += [(arch, str(dtype).split(".")[1], i) for i in range(n)]
+            out += [(arch, str(dtype).split(".")[1], i, v) for i in range(n) for v in VARIANTS]
     return out
 
 

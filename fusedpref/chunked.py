@@ -17,9 +17,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _cols(n, vocab, dtype, parts=1):
-    """Chunk columns for `parts` live rows x cols buffers of the compute dtype."""
-    return max(1, vocab_chunk_cols(n, vocab, acc_dtype(dtype).itemsize, default_mb=8) // parts)
+def _cols(n, vocab, dtype, parts=1, cuda=False):
+    """Chunk columns for `parts` live rows x cols buffers of the compute dtype (default budget
+    8 MiB on the CPU, 256 MiB on CUDA, where small chunks would be many small matmuls)."""
+    return max(1, vocab_chunk_cols(n, vocab, acc_dtype(dtype).itemsize, default_mb=256 if cuda else 8) // parts)
 
 
 def chunk_logits(hf, w, b, softcap, v0, v1):
@@ -99,7 +100,7 @@ class _OnlinePass:
 def logprob_forward(h, w, b, y, softcap, with_stats: bool):
     hf = h.to(acc_dtype(h.dtype))
     pol = _OnlinePass(h.shape[0], h.device, y, with_stats, hf.dtype)
-    for v0, v1 in vocab_chunks(w.shape[0], _cols(h.shape[0], w.shape[0], h.dtype)):
+    for v0, v1 in vocab_chunks(w.shape[0], _cols(h.shape[0], w.shape[0], h.dtype, cuda=h.is_cuda)):
         pol.add(chunk_logits(hf, w, b, softcap, v0, v1), v0, v1)
     return pol.logp(), pol.lse(), pol.stats()
 
@@ -112,7 +113,7 @@ def head_backward(h, w, need_h, need_w, need_b, chunk_dz):
     dh = torch.zeros((n, d), dtype=hf.dtype, device=h.device) if need_h else None
     dw = config.empty((vocab, d), w.dtype, w.device) if need_w else None
     db = config.empty((vocab,), hf.dtype, w.device) if need_b else None
-    for v0, v1 in vocab_chunks(vocab, _cols(n, vocab, h.dtype)):
+    for v0, v1 in vocab_chunks(vocab, _cols(n, vocab, h.dtype, cuda=h.is_cuda)):
         dz = chunk_dz(hf, v0, v1)
         if need_w:
             dw[v0:v1] = dz.t() @ hf
@@ -155,7 +156,7 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False):
     ref = _OnlinePass(n, h.device, y, dtype=hf.dtype)
     a = torch.zeros(n, device=h.device, dtype=hf.dtype)
     # two heads' chunks live at once: half the columns per chunk
-    for v0, v1 in vocab_chunks(w.shape[0], _cols(n, w.shape[0], h.dtype, parts=2)):
+    for v0, v1 in vocab_chunks(w.shape[0], _cols(n, w.shape[0], h.dtype, parts=2, cuda=h.is_cuda)):
         z = chunk_logits(hf, w, b, softcap, v0, v1)
         r = chunk_logits(rhf, rw, rb, softcap, v0, v1)
         mr_old, mz_old, lr_old = ref.m, pol.m, ref.l

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import config
+from . import config, schedule
 from ._chunks import vocab_chunk_cols, vocab_chunks
 from .kernels import kl_dz_kernel, kl_fwd_kernel, logprob_dz_kernel, logprob_fwd_kernel, mm_acc_kernel
 from .kernels.kl import PLANES as KL_PLANES
@@ -51,14 +51,12 @@ def combine_splits(part: torch.Tensor, arg: torch.Tensor | None, y: torch.Tensor
     return logp, lse, stats
 
 
-def _splits(n, vocab, tiles, device):
-    """(grid rows, vocabulary per split, number of splits): ~2 programs per SM."""
-    n_blocks = triton.cdiv(n, tiles.BLOCK_N)
-    v_tiles = triton.cdiv(vocab, tiles.BLOCK_V)
-    splits = min(v_tiles, max(1, triton.cdiv(2 * config.num_sms(device), n_blocks)))
-    v_per_split = triton.cdiv(v_tiles, splits) * tiles.BLOCK_V
-    return n_blocks, v_per_split, triton.cdiv(vocab, v_per_split)
-
+def _splits(n, vocab, d, elem, tiles, device):
+    """(row blocks, vocabulary per split, number of splits) of the split-major forward grid
+    (fusedpref/schedule.py: the fewest splits whose resident H blocks fit in half the L2)."""
+    splits = schedule.forward_splits(n, vocab, d, elem, tiles.BLOCK_N, tiles.BLOCK_V, config.num_sms(device),
+                                     config.l2_bytes(device))
+    return schedule.split_layout(n, vocab, tiles.BLOCK_N, tiles.BLOCK_V, splits)
 
 
 def logprob_forward(h, w, b, y, softcap, with_stats: bool):
@@ -68,10 +66,10 @@ def logprob_forward(h, w, b, y, softcap, with_stats: bool):
     nf = 6 if with_stats else 3
 
     def run(tiles: config.Tiles):
-        n_blocks, v_per_split, splits = _splits(n, vocab, tiles, h.device)
+        n_blocks, v_per_split, splits = _splits(n, vocab, d, h.element_size(), tiles, h.device)
         part = config.empty((nf, splits, n), torch.float32, h.device)
         arg = config.empty((splits, n), torch.int32, h.device) if with_stats else None
-        logprob_fwd_kernel[(n_blocks, splits)](
+        logprob_fwd_kernel[(n_blocks * splits,)](
             h, w, b if b is not None else h, y, part, arg if arg is not None else part,
             n, vocab, d, v_per_split, splits,
             h.stride(0), h.stride(1), w.stride(0), w.stride(1),
@@ -96,7 +94,7 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
         a, b, c, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         BLOCK_M=tiles.BLOCK_N, BLOCK_N=tiles.BLOCK_V, BLOCK_K=tiles.BLOCK_D,
-        GROUP_M=config.GROUP_M, DOT_FP32=_dot_fp32(a.dtype), **tiles.launch(),
+        GROUP_M=schedule.GROUP_M, DOT_FP32=_dot_fp32(a.dtype), **tiles.launch(),
     )
 
 
@@ -111,7 +109,8 @@ def chunked_head_backward(h, w, need_h, need_w, need_b, fill_dz):
     n, d = h.shape
     vocab = w.shape[0]
     tiles = config.tiles("dz", h.device, h.dtype)
-    cols = vocab_chunk_cols(n, vocab, h.element_size(), tiles.BLOCK_V)
+    cols = vocab_chunk_cols(n, vocab, h.element_size(), tiles.BLOCK_V, default_mb=schedule.DEFAULT_CHUNK_MB,
+                            max_cols=schedule.DEFAULT_CHUNK_COLS)
     dz = config.empty((n, cols), h.dtype, h.device)
     dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need_h else None
     dw = config.empty((vocab, d), w.dtype, w.device) if need_w else None
@@ -136,16 +135,16 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
 
     def fill(dzc, v0, v1, need_db):
         def run(tiles):
-            grid = (triton.cdiv(n, tiles.BLOCK_N), triton.cdiv(v1 - v0, tiles.BLOCK_V))
-            db_part = config.empty((grid[0], v1 - v0), torch.float32, h.device) if need_db else None
-            logprob_dz_kernel[grid](
+            n_blocks = triton.cdiv(n, tiles.BLOCK_N)
+            db_part = config.empty((n_blocks, v1 - v0), torch.float32, h.device) if need_db else None
+            logprob_dz_kernel[(n_blocks * triton.cdiv(v1 - v0, tiles.BLOCK_V),)](
                 h, w, b if b is not None else h, y, lse, g, dzc, db_part if need_db else lse,
                 n, vocab, d, v0, v1 - v0,
                 h.stride(0), h.stride(1), w.stride(0), w.stride(1), dzc.stride(0),
                 db_part.stride(0) if need_db else 0,
                 softcap if softcap is not None else 1.0,
                 HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, HAS_DB=need_db,
-                DOT_FP32=_dot_fp32(h.dtype), **tiles.constexprs(), **tiles.launch(),
+                DOT_FP32=_dot_fp32(h.dtype), GROUP_M=schedule.GROUP_M, **tiles.constexprs(), **tiles.launch(),
             )
             return db_part
         return run(_tiles("dz", h, (triton.next_power_of_2(n), v1 - v0, d), run))
@@ -164,10 +163,10 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False):
     if with_stats and not logp_on:
         raise ValueError("with_stats needs the targets y")
     tiles = config.tiles("kl_fwd_stats" if with_stats else "kl_fwd", h.device, h.dtype)
-    n_blocks, v_per_split, splits = _splits(n, vocab, tiles, h.device)
+    n_blocks, v_per_split, splits = _splits(n, vocab, d, max(h.element_size(), rh.element_size()), tiles, h.device)
     part = config.empty((len(KL_PLANES), splits, n), torch.float32, h.device)
     arg = config.empty((splits, n), torch.int32, h.device) if with_stats else None
-    kl_fwd_kernel[(n_blocks, splits)](
+    kl_fwd_kernel[(n_blocks * splits,)](
         h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh,
         y if logp_on else part, part, arg if arg is not None else part,
         n, vocab, d, rh.shape[1], v_per_split, splits,
@@ -209,9 +208,9 @@ def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need
     tiles = config.tiles("kl_dz", h.device, h.dtype)
 
     def fill(dzc, v0, v1, need_db):
-        grid = (triton.cdiv(n, tiles.BLOCK_N), triton.cdiv(v1 - v0, tiles.BLOCK_V))
-        db_part = config.empty((grid[0], v1 - v0), torch.float32, h.device) if need_db else None
-        kl_dz_kernel[grid](
+        n_blocks = triton.cdiv(n, tiles.BLOCK_N)
+        db_part = config.empty((n_blocks, v1 - v0), torch.float32, h.device) if need_db else None
+        kl_dz_kernel[(n_blocks * triton.cdiv(v1 - v0, tiles.BLOCK_V),)](
             h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh, lse, rlse, g,
             y if logp_on else g, g_lp if logp_on else g, dzc, db_part if need_db else g,
             n, vocab, d, rh.shape[1], v0, v1 - v0,
@@ -221,7 +220,7 @@ def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need
             softcap if softcap is not None else 1.0,
             HAS_BIAS=b is not None, HAS_REF_BIAS=rb is not None, HAS_SOFTCAP=softcap is not None,
             LOGP=logp_on, HAS_DB=need_db, DOT_FP32=_dot_fp32(h.dtype), REF_DOT_FP32=_dot_fp32(rh.dtype),
-            **tiles.constexprs(), **tiles.launch(),
+            GROUP_M=schedule.GROUP_M, **tiles.constexprs(), **tiles.launch(),
         )
         return db_part
 

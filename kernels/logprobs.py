@@ -18,6 +18,7 @@ Backward (logit gradient for one vocabulary chunk, from the saved lse):
 import triton
 import triton.language as tl
 
+from .schedule import grouped, split_major
 from .tiles import logit_tile, stats_init, stats_step, stats_store
 
 
@@ -31,8 +32,10 @@ def logprob_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, STATS: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
+    # 0. program order: the split varies fastest (kernels/schedule.py)
+    pid_n, pid_s = split_major(tl.program_id(0), n_splits)
+    pid_n = pid_n.to(tl.int64)
+    pid_s = pid_s.to(tl.int64)
     row0 = pid_n * BLOCK_N                      # int64 scalar; in-tile offsets are int32
     rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -87,9 +90,12 @@ def logprob_dz_kernel(
     softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DB: tl.constexpr, DOT_FP32: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
+    # 0. program order: GROUP_M row blocks per band of column tiles (kernels/schedule.py)
+    pid_n, pid_v = grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_M)
+    pid_n = pid_n.to(tl.int64)
+    pid_v = pid_v.to(tl.int64)
     row0 = pid_n * BLOCK_N                      # int64 scalars; in-tile offsets are int32
     col0 = pid_v * BLOCK_V                      # first column of the tile within the chunk
     rows = row0 + tl.arange(0, BLOCK_N)

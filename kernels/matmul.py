@@ -6,6 +6,8 @@ gradient of a 16-bit head is summed in fp32 across chunks and rounded once at th
 import triton
 import triton.language as tl
 
+from .schedule import grouped
+
 
 @triton.jit
 def mm_acc_kernel(
@@ -15,14 +17,9 @@ def mm_acc_kernel(
     GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # 1. grouped program order: GROUP_M row blocks share the same B columns in L2
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = (first_m + (pid % (GROUP_M * n_n)) % size_m).to(tl.int64)
-    pid_n = ((pid % (GROUP_M * n_n)) // size_m).to(tl.int64)
+    pid_m, pid_n = grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m = pid_m.to(tl.int64)
+    pid_n = pid_n.to(tl.int64)
 
     m0 = pid_m * BLOCK_M                        # int64 scalars; in-tile offsets are int32
     n0 = pid_n * BLOCK_N

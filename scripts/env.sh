@@ -36,5 +36,13 @@ if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.
         exit 1
     }
 fi
+# Triton 3.6, the GPU machines' version, beside the main one: tests/test_aot.py compiles every
+# kernel with it too (pure wheel, --no-deps, into its own folder; never imported otherwise)
+if [ ! -d "$VENV/triton36/triton" ]; then
+    echo "[fusedpref] installing Triton 3.6 for the compile check" >&2
+    "$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/triton36" triton==3.6.0 2>&1 | grep -v "^WARNING" || true
+    [ -d "$VENV/triton36/triton" ] || { echo "[fusedpref] error: triton==3.6.0 did not install" >&2; exit 1; }
+fi
+export FUSEDPREF_TRITON36="$VENV/triton36"
 export PATH="$VENV/bin:$PATH"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
