@@ -403,6 +403,11 @@ def _fmt(x):
     return str(x)
 
 
+# CSV columns first in this order (then any others, sorted): what ran, where, then the figures
+CSV_COLS = ["date", "commit", "device", "torch", "triton", "dtype", "chunk_mb", "provider", "status", "sweep",
+            "loss_type", "beta", "frozen", "pairs", "seq", "tokens", "n_valid", "d", "v", "fwd_ms", "bwd_ms",
+            "fwd_bwd_ms", "peak_mb", "extra_mb", "flops", "tflops", "matmul_peak_tflops", "pct_of_peak", "err_loss",
+            "err_dh", "err_dw"]
 TABLE_COLS = ["provider", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb", "extra_mb", "tflops", "pct_of_peak",
               "err_loss", "err_dh", "err_dw", "status"]
 
@@ -419,7 +424,7 @@ def print_table(rows, meta, shape, peak, n_valid, units, loss_type, beta):
         print("| " + " | ".join(_fmt(r.get(c, "")) for c in TABLE_COLS) + " |")
 
 
-def plot(sweep_rows, path):
+def plot(sweep_rows, path, caption=""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -440,6 +445,8 @@ def plot(sweep_rows, path):
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
+    if caption:
+        fig.suptitle(caption, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -450,26 +457,30 @@ def run(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="fusedpref bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=8 if cuda else 4)
-    p.add_argument("--seq", type=int, default=1024 if cuda else 256)
-    p.add_argument("--d", type=int, default=4096 if cuda else 128)
-    p.add_argument("--v", type=int, default=128256 if cuda else 32000)
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--prompt-frac", type=float, default=0.5, help="leading fraction of each sequence ignored")
-    p.add_argument("--loss-type", default="sigmoid")
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--pairs", type=int, default=8 if cuda else 4, help="preference pairs B (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=1024 if cuda else 256, help="tokens per sequence T (default: %(default)s)")
+    p.add_argument("--d", type=int, default=4096 if cuda else 128, help="hidden size D (default: %(default)s)")
+    p.add_argument("--v", type=int, default=128256 if cuda else 32000, help="vocabulary size V (default: %(default)s)")
+    p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "float16", "bfloat16"],
+                   help="hidden and weight dtype (default: %(default)s)")
+    p.add_argument("--prompt-frac", type=float, default=0.5,
+                   help="leading fraction of each sequence ignored, as a prompt (default: %(default)s)")
+    p.add_argument("--loss-type", default="sigmoid", help="any registered loss (default: %(default)s)")
+    p.add_argument("--beta", type=float, default=0.1, help="the loss's beta (default: %(default)s)")
     p.add_argument("--frozen", action="store_true", help="frozen LM head (no dW), the LoRA case")
     p.add_argument("--providers", default=",".join(ALL_PROVIDERS if cuda else CPU_DEFAULT_PROVIDERS),
                    help="comma-separated subset of " + ",".join(ALL_PROVIDERS) + " (unavailable ones are "
                    "skipped; default: all on GPU, " + ",".join(CPU_DEFAULT_PROVIDERS) + " on the CPU)")
-    p.add_argument("--repeats", type=int, default=2 if not cuda else 5)
+    p.add_argument("--repeats", type=int, default=2 if not cuda else 5,
+                   help="timed repeats per measurement on the CPU; do_bench's budget on a GPU (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=900,
                    help="seconds one provider may take for all its shapes before it is stopped")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole run: each provider gets at most what is left (the table "
                         "and files are always written; providers left without time say so)")
     p.add_argument("--no-sweep", action="store_true", help="skip the memory-vs-V and time-vs-tokens sweep")
-    p.add_argument("--out", default=os.path.join("bench", "results"))
+    p.add_argument("--out", default=None, help="folder for the CSV and PNG (default: a new folder "
+                   "out/bench-<UTC time>; the committed bench/results/ changes only when named here)")
     p.add_argument("--tag", default=None, help="file name tag (default: the device)")
     a = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
@@ -551,10 +562,13 @@ def run(argv=None):
         if by.get("eager", {}).get("peak_mb", 0) > 0 and by.get(fused, {}).get("peak_mb", 0) > 0:
             print(f"# peak memory above inputs, eager / {fused}: "
                   f"{by['eager']['peak_mb'] / by[fused]['peak_mb']:.1f}x")
+    if a.out is None:
+        a.out = os.path.join("out", "bench-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S"))
     os.makedirs(a.out, exist_ok=True)
     tag = a.tag or ("cpu" if device.type == "cpu" else meta["device"].replace(" ", "-").lower())
     csv_path = os.path.join(a.out, f"bench-{tag}.csv")
-    fields = sorted({k for r in rows + sweep_rows for k in r})
+    present = {k for r in rows + sweep_rows for k in r}
+    fields = [c for c in CSV_COLS if c in present] + sorted(present - set(CSV_COLS))   # stable, readable order
     with open(csv_path, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=fields)
         wr.writeheader()
@@ -562,8 +576,14 @@ def run(argv=None):
     print(f"# wrote {csv_path}")
     if sweep_rows:
         png = os.path.join(a.out, f"bench-{tag}.png")
-        plot(sweep_rows, png)
-        print(f"# wrote {png}")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("# no plot: matplotlib is not installed (pip install 'fusedpref[bench]')")
+        else:
+            plot(sweep_rows, png, f"fusedpref bench: {meta['device']}, D={a.d}, V={a.v} (sweep varies V and "
+                 f"tokens), {a.dtype}, loss {a.loss_type}, {meta['date']}, commit {meta['commit']}")
+            print(f"# wrote {png}")
     return rows
 
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: fusedpref {bench,desiderata} [options]
+USAGE = """usage: fusedpref {bench,roofline,desiderata} [options] | --version
 
-  bench        fused preference loss vs eager PyTorch (and torch.compile, Liger, CCE when present)
+  bench        fused preference loss vs eager PyTorch (and torch.compile, TRL, Liger, CCE when present)
+  roofline     modelled FLOPs, HBM bytes and lower-bound time per kernel (estimates) for a shape and GPU
   desiderata   the EXPO/TYPO papers' synthetic tests with fusedpref's own losses
 
 Run `fusedpref <command> --help` for the options."""
@@ -16,7 +17,16 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(f"fusedpref {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd == "roofline":
+        from .schedule import main as roofline_main
+
+        return roofline_main(rest)
     if cmd == "bench":
         from .bench import main as bench_main
 

@@ -12,7 +12,7 @@ from helpers import optional
 def test_bench_command_writes_table_csv_png(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDPREF_POISON")}
     cmd = [sys.executable, "-m", "fusedpref.cli", "bench", "--pairs", "2", "--seq", "64", "--d", "32",
-           "--v", "32000", "--repeats", "1", "--providers", "eager,fused-torch", "--out", str(tmp_path),
+           "--v", "32000", "--repeats", "1", "--providers", "eager,fused-torch", "--dtype", "float32", "--out", str(tmp_path),
            "--tag", "test"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,7 +38,7 @@ def test_cli_usage_and_unknown_command():
 def _bench(tmp_path, *args, timeout=300):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDPREF_POISON")}
     cmd = [sys.executable, "-m", "fusedpref.cli", "bench", "--pairs", "1", "--seq", "32", "--d", "32",
-           "--v", "1000", "--repeats", "1", "--no-sweep", "--out", str(tmp_path), "--tag", "t", *args]
+           "--v", "1000", "--repeats", "1", "--no-sweep", "--dtype", "float32", "--out", str(tmp_path), "--tag", "t", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {r["provider"]: r for r in csv.DictReader(open(tmp_path / "bench-t.csv"))}, proc.stdout
@@ -152,3 +152,35 @@ def test_frozen_dtype_prompt_frac_and_beta_flags(tmp_path):
         assert float(r["flops"]) == 6 * int(r["n_valid"]) * 32 * 1000    # frozen: no dW work
         assert float(r["err_loss"]) < 5e-2 and float(r["err_dh"]) < 5e-2   # bf16
     assert "(beta 0.3)" in out and all(r["beta"] == "0.3" for r in rows.values()), out[:800]
+
+
+def test_default_output_is_a_fresh_folder_and_plotting_is_optional(tmp_path):
+    """Without --out the bench writes into a new out/bench-<time> folder (never the committed
+    bench/results/); without matplotlib and tqdm (the `fusedpref[bench]` extra) it still prints the
+    table and writes the CSV, and says how to get the plot."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('matplotlib', 'tqdm'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (simulated)')\n"
+        "sys.meta_path.insert(0, _Hide())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDPREF_POISON")}
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "fusedpref.cli", "bench", "--pairs", "1", "--seq", "32", "--d", "32", "--v", "500",
+           "--repeats", "1", "--providers", "fused-torch", "--dtype", "float32", "--tag", "t"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| fused-torch |" in proc.stdout and "pip install 'fusedpref[bench]'" in proc.stdout
+    written = list((tmp_path / "out").glob("bench-*/bench-t.csv"))
+    assert len(written) == 1 and not (tmp_path / "bench").exists()
+
+
+def test_version_and_python_m():
+    from fusedpref import __version__
+
+    for cmd in ([sys.executable, "-m", "fusedpref", "--version"], [sys.executable, "-m", "fusedpref.cli", "--version"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stdout.strip() == f"fusedpref {__version__}"

@@ -1,0 +1,220 @@
+"""The GPU check's own steps (bench/gpu_check.sh runs them; `--dry-run` runs the same flow on the
+CPU at tiny shapes through the Triton interpreter, which the test suite does).
+
+    python -m fusedpref.gpucheck smoke   [--dry-run]   one verdict line per kernel path x dtype x shape
+    python -m fusedpref.gpucheck kernels [--dry-run]   per-kernel ms beside a cuBLAS GEMM of the same FLOPs
+
+smoke: every primitive (log-probs with and without statistics, KL, log-probs + KL in one pass),
+forward and backward, in bf16, fp16 and fp32, at a misaligned shape and at the main shape, on
+the Triton backend against the torch backend (cuBLAS chunks, fp32 math) with a synchronise after
+each, so an illegal address, a compile failure or an accuracy miss (e.g. tf32x3) is localised to
+one line. The tolerance is relative to the values' scale: 2e-2 for 16-bit, 1e-4 for fp32.
+
+kernels: at the main shape, the forward kernel, then for backward chunk widths of 1024-16384
+columns the dz kernel, the dW GEMM (cuBLAS) and the dH accumulation (mm_acc) of one chunk, each
+beside torch.mm of the same FLOPs in the same run ("% of GEMM"), with `fusedpref roofline`'s
+modelled lower bound; then fused-triton against fused-torch end to end, the measurement the
+`backend="auto"` default follows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+MAIN = (16384, 4096, 128256)
+MISALIGNED = (1000, 200, 5003)
+DRY = {"main": (64, 48, 1009), "misaligned": (37, 24, 301)}
+
+
+def _timer(device):
+    import torch
+
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=40)
+
+    def cpu(fn):
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return cpu
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _inputs(n, d, v, dtype, device, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype).to(device)
+    w = (torch.randn(v, d, generator=g) / d ** 0.5 * 2).to(dtype).to(device)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.1] = -100
+    return h, w, y.to(device), torch.randn(n, generator=g).to(device)
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1)).item()
+
+
+def smoke(dry_run=False, out=print):
+    import torch
+
+    import fusedpref
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    shapes = DRY if dry_run else {"misaligned": MISALIGNED, "main": MAIN}
+    ok = True
+    for shape_name, (n, d, v) in shapes.items():
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            h, w, y, g = _inputs(n, d, v, dtype, device)
+            rh, rw, _, g2 = _inputs(n, d, v, dtype, device, seed=1)
+            paths = {
+                "logprobs": lambda b, h, w: (fusedpref.linear_logprobs(h, w, y, backend=b),),
+                "logprobs+stats": lambda b, h, w: fusedpref.LinearLogProbs.apply(h, w, y, None, -100, None, b, True),
+                "kl": lambda b, h, w: (fusedpref.linear_kl(h, w, rh, rw, y, backend=b),),
+                "logprobs+kl": lambda b, h, w: fusedpref.linear_logprobs_kl(h, w, rh, rw, y, backend=b)[::2],
+            }
+            for name, fn in paths.items():
+                t0 = time.perf_counter()
+                try:
+                    res = {}
+                    for backend in ("triton", "torch"):
+                        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+                        outs = fn(backend, hh, ww)
+                        grads = torch.autograd.grad(sum((o.float() * (g if i == 0 else g2)).sum()
+                                                        for i, o in enumerate(outs[:2]) if o.requires_grad),
+                                                    (hh, ww))
+                        _sync(device)
+                        res[backend] = [o.detach() for o in outs] + list(grads)
+                    errs = [_rel_err(a, b) for a, b in zip(res["triton"], res["torch"])]
+                    worst = max(errs)
+                    verdict = "ok" if worst <= tol else "ACCURACY"
+                    ok &= verdict == "ok"
+                    out(f"smoke {shape_name:10s} {str(dtype).split('.')[1]:8s} {name:14s} {verdict:8s} "
+                        f"max rel err {worst:.2e} (tol {tol:g})  {time.perf_counter() - t0:.1f} s")
+                except Exception as exc:  # one failing path must not hide the others
+                    ok = False
+                    out(f"smoke {shape_name:10s} {str(dtype).split('.')[1]:8s} {name:14s} FAILED   "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                    traceback.print_exc(file=sys.stderr)
+                    _try_recover(device)
+    return ok
+
+
+def _try_recover(device):
+    import torch
+
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except Exception:   # an illegal address poisons the context; later lines will say so
+            pass
+
+
+def kernels(dry_run=False, out=print, csv_path=None):
+    """Per-kernel timing beside cuBLAS; rows also appended as JSON lines to csv_path."""
+    import torch
+    import triton
+
+    from . import config, ops, schedule
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    n, d, v = DRY["main"] if dry_run else MAIN
+    dtype = torch.bfloat16
+    h, w, y, g = _inputs(n, d, v, dtype, device)
+    y = y.clamp(min=0)                                   # all rows valid
+    bench = _timer(device)
+    rows = []
+
+    def gemm_ms(m, k, nn):
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, nn, device=device, dtype=dtype)
+        return bench(lambda: torch.mm(a, b))
+
+    def row(kernel, ms, flops, gemm, note=""):
+        r = {"kernel": kernel, "ms": ms, "tflops": flops / ms / 1e9, "gemm_ms": gemm,
+             "pct_of_gemm": 100 * gemm / ms, "note": note}
+        rows.append(r)
+        out(f"kernel {kernel:34s} {ms:9.3f} ms  {r['tflops']:7.1f} TFLOP/s  cuBLAS same FLOPs {gemm:8.3f} ms "
+            f"= {r['pct_of_gemm']:5.1f}% of GEMM  {note}")
+
+    fl = 2 * n * d * v
+    row("forward logprob_fwd (+stats)", bench(lambda: ops.logprob_forward(h, w, None, y, None, True)), fl,
+        gemm_ms(n, d, v))
+    lse = ops.logprob_forward(h, w, None, y, None, False)[1]
+    tiles = config.tiles("dz", device, dtype)
+    widths = (256, 512) if dry_run else (1024, 4096, 8192, 16384)
+    for cols in widths:
+        cols = min(cols, v)
+        dz = torch.empty((n, cols), dtype=dtype, device=device)
+        nb = triton.cdiv(n, tiles.BLOCK_N)
+
+        def run_dz():
+            from .kernels import logprob_dz_kernel
+
+            logprob_dz_kernel[(nb * triton.cdiv(cols, tiles.BLOCK_V),)](
+                h, w, h, y, lse, g, dz, lse, n, v, d, 0, cols, h.stride(0), h.stride(1), w.stride(0), w.stride(1),
+                dz.stride(0), 0, 1.0, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_DB=False,
+                DOT_FP32=ops._dot_fp32(dtype), GROUP_M=schedule.GROUP_M, **tiles.constexprs(), **tiles.launch())
+        fc = 2 * n * d * cols
+        gm = gemm_ms(n, d, cols)
+        row(f"dz (recompute) chunk {cols}", bench(run_dz), fc, gm)
+        dw = torch.empty((cols, d), dtype=dtype, device=device)
+        row(f"dW = dz^T H chunk {cols}", bench(lambda: torch.mm(dz.t(), h, out=dw)), fc, gm, "cuBLAS")
+        acc = torch.zeros((n, d), dtype=torch.float32, device=device)
+        row(f"dH += dz W mm_acc chunk {cols}", bench(lambda: ops._mm_acc(dz, w[:cols], acc)), fc, gm,
+            "incl. fp32 accumulator read+write")
+        del dz, dw, acc
+    # end to end: the default backend follows this
+    import fusedpref
+
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    for backend in ("triton", "torch"):
+        def step():
+            hh.grad = ww.grad = None
+            (fusedpref.linear_logprobs(hh, ww, y, backend=backend) * g).sum().backward()
+        row(f"end to end fwd+bwd backend={backend}", bench(step), 4 * fl, 4 * rows[0]["gemm_ms"])
+    _, model = schedule.model(n, d, v, "bf16", "H200")
+    out(f"kernel roofline (model, H200): total lower bound {model['total_bound_ms']:.1f} ms for fwd+bwd "
+        f"({model['splits']} splits, chunk {model['chunk_cols']})")
+    if csv_path:
+        with open(csv_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "n": n, "d": d, "v": v, "dtype": "bf16", "dry_run": dry_run}) + "\n")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fusedpref.gpucheck", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("step", choices=["smoke", "kernels"])
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+    p.add_argument("--jsonl", default=None, help="append the kernel rows to this file as JSON lines")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = p.parse_args(argv)
+    if a.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+        # the interpreter must be chosen before triton is first imported (importing fusedpref does)
+        os.execve(sys.executable, [sys.executable, "-m", "fusedpref.gpucheck", *argv],
+                  {**os.environ, "TRITON_INTERPRET": "1"})
+    if a.step == "smoke":
+        return 0 if smoke(a.dry_run) else 1
+    kernels(a.dry_run, csv_path=a.jsonl)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""bench/gpu_check.sh: its plan fits the GPU lease, and a CPU dry run of its whole flow (smoke,
+kernel timing, core table, sweep, EXPO, tests; tiny shapes, Triton interpreter) passes."""
+import os
+import re
+import subprocess
+
+
+def test_plan_fits_in_480_seconds():
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--plan"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    total = int(re.search(r"^total\s+(\d+) s", proc.stdout, re.M).group(1))
+    steps = re.findall(r"^(\w+)\s+(\d+) s", proc.stdout, re.M)
+    assert total <= 480 and total == sum(int(b) for n, b in steps if n != "total")
+    assert [n for n, _ in steps][:3] == ["install", "smoke", "kernels"]     # what localises a failure first
+
+
+def test_cpu_dry_run_of_the_flow(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSEDPREF_POISON",)}
+    env.update(DRY_RUN="1", OUT=str(tmp_path), PYTHON=__import__("sys").executable)
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], capture_output=True, text=True, env=env, timeout=600)
+    log = (tmp_path / "check.txt").read_text()
+    assert proc.returncode == 0, log[-4000:]
+    smoke = [line for line in log.splitlines() if line.startswith("smoke ")]
+    assert len(smoke) == 2 * 3 * 4 and all(" ok " in line for line in smoke), smoke
+    assert "kernel dz (recompute) chunk" in log and "backend=triton" in log and "backend=torch" in log
+    assert "| fused-torch |" in log and "passed" in log and ": exit" not in log
+    assert len(list(tmp_path.iterdir())) <= 8
+    for name in ("env.txt", "check.txt", "kernels.jsonl", "bench-core.csv", "bench-sweep.csv"):
+        assert (tmp_path / name).exists(), name
