@@ -4,6 +4,6 @@
 from setuptools import setup
 
 setup(
-    packages=["fusedpref", "fusedpref.integrations", "fusedpref.kernels"],
+    packages=["fusedpref", "fusedpref.bench", "fusedpref.integrations", "fusedpref.kernels"],
     package_dir={"fusedpref": "fusedpref", "fusedpref.kernels": "kernels"},
 )

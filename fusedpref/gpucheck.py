@@ -31,8 +31,6 @@ DRY = {"main": (64, 48, 1009), "misaligned": (37, 24, 301)}
 
 
 def _timer(device):
-    import torch
-
     if device.type == "cuda":
         import triton.testing
 
@@ -178,7 +176,6 @@ def kernels(dry_run=False, out=print, csv_path=None):
         acc = torch.zeros((n, d), dtype=torch.float32, device=device)
         row(f"dH += dz W mm_acc chunk {cols}", bench(lambda: ops._mm_acc(dz, w[:cols], acc)), fc, gm,
             "incl. fp32 accumulator read+write")
-        del dz, dw, acc
     # end to end: the default backend follows this
     import fusedpref
 
