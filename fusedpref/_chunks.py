@@ -13,10 +13,19 @@ def vocab_chunk_cols(n_rows: int, vocab: int, elem_bytes: int, align: int = 1, d
     fixed = config.chunk_cols()
     if fixed is not None:
         return min(fixed, vocab)
-    cols = config.chunk_bytes(default_mb) // max(1, n_rows * elem_bytes)
+    # the default: a column cap as well as the budget; FUSEDPREF_CHUNK_MB replaces both
+    cap = None if config.chunk_bytes_set() else max_cols
+    return budget_cols(n_rows, vocab, elem_bytes, align, config.chunk_bytes(default_mb), cap)
+
+
+def budget_cols(n_rows: int, vocab: int, elem_bytes: int, align: int, budget_bytes: int,
+                max_cols: int | None = None) -> int:
+    """Columns so that n_rows x cols x elem_bytes <= budget_bytes, a multiple of align (>= align),
+    at most max_cols and V (no environment: fusedpref.schedule models with it too)."""
+    cols = budget_bytes // max(1, n_rows * elem_bytes)
     cols = max(align, cols // align * align)
-    if max_cols is not None and config.chunk_bytes_set() is False:
-        cols = min(cols, max(align, max_cols))     # the default: a column cap, FUSEDPREF_CHUNK_MB lifts it
+    if max_cols is not None:
+        cols = min(cols, max(align, max_cols))
     return min(cols, vocab)
 
 

@@ -27,10 +27,6 @@ def _impl(backend: str):
     return chunked
 
 
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _valid_rows(targets: Tensor, ignore_index: int, vocab: int | None = None):
     """(indices, targets) of the valid rows; with vocab, first the range check."""
     if vocab is not None:
@@ -91,7 +87,7 @@ def logprob_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[
                 softcap: Optional[float], backend: str, with_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(logp [n], lse [n], stats [n, 3] or [0])."""
     n = targets.shape[0]
-    dt = _out_dtype(hidden.dtype)
+    dt = chunked.acc_dtype(hidden.dtype)
     logp, lse = hidden.new_zeros(n, dtype=dt), hidden.new_zeros(n, dtype=dt)
     stats = hidden.new_zeros((n, 3) if with_stats else (0,), dtype=dt)
     idx, y = _valid_rows(targets, ignore_index, weight.shape[0])
@@ -108,7 +104,7 @@ def logprob_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[
 @logprob_fwd.register_fake
 def _(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats):
     n = targets.shape[0]
-    dt = _out_dtype(hidden.dtype)
+    dt = chunked.acc_dtype(hidden.dtype)
     return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
             hidden.new_empty((n, 3) if with_stats else (0,), dtype=dt))
 
@@ -143,7 +139,7 @@ def kl_fwd(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tenso
            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(kl, lse, rlse [n]; logp, ref_logp [n] or [0]; stats [n, 3] or [0]) from one pass."""
     n = targets.shape[0]
-    dt = _out_dtype(hidden.dtype)
+    dt = chunked.acc_dtype(hidden.dtype)
     kl, lse, rlse = (hidden.new_zeros(n, dtype=dt) for _ in range(3))
     logp, ref_logp = (hidden.new_zeros(n if with_logp else 0, dtype=dt) for _ in range(2))
     stats = hidden.new_zeros((n, 3) if with_stats else (0,), dtype=dt)
@@ -162,7 +158,7 @@ def kl_fwd(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tenso
 def _(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap, backend,
       with_logp, with_stats):
     n = targets.shape[0]
-    dt = _out_dtype(hidden.dtype)
+    dt = chunked.acc_dtype(hidden.dtype)
     e = [hidden.new_empty(k, dtype=dt) for k in (n, n, n, n if with_logp else 0, n if with_logp else 0)]
     return (*e, hidden.new_empty((n, 3) if with_stats else (0,), dtype=dt))
 

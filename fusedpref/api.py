@@ -23,7 +23,7 @@ def _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backen
     return logp.sum(-1), stats
 
 
-def _check_batch(hidden, name="hidden", what="2B sequences (B chosen then B rejected)", paired=True):
+def _check_batch(hidden, name="hidden", paired=True):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 3:
         shape = None if not isinstance(hidden, torch.Tensor) else list(hidden.shape)
         layout = "[2B, T, D] (chosen rows first, then rejected)" if paired else "[N, T, D] (one row per sequence)"
@@ -32,7 +32,7 @@ def _check_batch(hidden, name="hidden", what="2B sequences (B chosen then B reje
         raise ValueError(f"{name} holds no sequences (shape {list(hidden.shape)}): a loss over an empty "
                          "batch is undefined")
     if paired and hidden.shape[0] % 2:
-        raise ValueError(f"{name} must hold {what}; got {hidden.shape[0]} rows")
+        raise ValueError(f"{name} must hold 2B sequences (B chosen then B rejected); got {hidden.shape[0]} rows")
 
 
 def _warn_empty(mask, kind):
@@ -154,12 +154,12 @@ def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, b
     # EXPO reads average_log_prob itself (its supervised term only); every other loss gets
     # length-averaged sequence log-probs
     averaged = pairs.averaged() if average_log_prob else pairs
-    chosen_pairs = {t: pairs if (LOSSES[t].fn is LOSSES["expo"].fn) else averaged for t in types}
+    pairs_for = {t: pairs if (LOSSES[t].fn is LOSSES["expo"].fn) else averaged for t in types}
 
     # 4. the loss on [B] tensors
-    losses = sum(w * LOSSES[t].fn(chosen_pairs[t]) for t, w in zip(types, weights))
+    losses = sum(w * LOSSES[t].fn(pairs_for[t]) for t, w in zip(types, weights))
     loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
-    return loss, _metrics(chosen_pairs[types[0]], LOSSES[types[0]].rewards, stats, mask, weight.shape[0], b)
+    return loss, _metrics(pairs_for[types[0]], LOSSES[types[0]].rewards, stats, mask, weight.shape[0], b)
 
 
 @torch.no_grad()

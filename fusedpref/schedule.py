@@ -101,7 +101,9 @@ def model(n, d, v, dtype="bf16", gpu="H200", chunk_cols=None, frozen=False):
     block_n, block_v = t.BLOCK_N, t.BLOCK_V
     splits = forward_splits(n, v, d, e, block_n, block_v, g.sms, l2)
     if chunk_cols is None:
-        chunk_cols = min(v, DEFAULT_CHUNK_COLS, max(block_v, DEFAULT_CHUNK_MB * 2**20 // (n * e) // block_v * block_v))
+        from ._chunks import budget_cols
+
+        chunk_cols = budget_cols(n, v, e, block_v, DEFAULT_CHUNK_MB * 2**20, DEFAULT_CHUNK_COLS)
     chunks = cdiv(v, chunk_cols)
     nd, vd, nv = n * d * e, v * d * e, n * v * e
     n_blocks = cdiv(n, block_n)
