@@ -26,24 +26,27 @@ def _specs(arch: int, dtype: torch.dtype):
 
     t = _TT[dtype]
     cfg = {k: config.TILES[(k, arch, dtype)]
-           for k in ("fwd", "fwd_stats", "dz", "mm", "kl_fwd", "kl_fwd_stats", "kl_dz")}
+           for k in ("fwd", "fwd_stats", "dz", "dz_stats", "mm", "kl_fwd", "kl_fwd_stats", "kl_dz")}
     mt = cfg["mm"]
     head = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": "*i64"}
     strides = {"stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32", "stride_wd": "constexpr"}
     unit = {"stride_hd": 1, "stride_wd": 1}
-    flags = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "DOT_FP32": False}
+    flags = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_SCALE": True, "DOT_FP32": False}
+    xf = {"softcap": "fp32", "scale": "fp32"}
     for stats in (False, True):
         sig = {**head, "part_ptr": "*fp32", "arg_ptr": "*i32", "N": "i32", "V": "i32", "D": "i32",
-               "v_per_split": "i32", "n_splits": "i32", **strides, "softcap": "fp32"}
+               "v_per_split": "i32", "n_splits": "i32", **strides, **xf}
         lt = cfg["fwd_stats" if stats else "fwd"]
         const = {**unit, **flags, "STATS": stats, **lt.constexprs()}
         yield (f"logprob_fwd{'_stats' if stats else ''}", kernels.logprob_fwd_kernel, sig, const, lt.launch())
-    sig = {**head, "lse_ptr": "*fp32", "g_ptr": "*fp32", "dz_ptr": f"*{t}", "db_ptr": "*fp32", "N": "i32",
-           "V": "i32", "D": "i32", "v_lo": "i32", "n_cols": "i32", **strides, "stride_dzn": "i32",
-           "stride_dbn": "i32", "softcap": "fp32"}
-    yield ("logprob_dz", kernels.logprob_dz_kernel, sig,
-           {**unit, **flags, "HAS_DB": True, "GROUP_M": schedule.GROUP_M, **cfg["dz"].constexprs()},
-           cfg["dz"].launch())
+    sig = {**head, "lse_ptr": "*fp32", "g_ptr": "*fp32", "gst_ptr": "*fp32", "st_ptr": "*fp32", "dz_ptr": f"*{t}",
+           "db_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "v_lo": "i32", "n_cols": "i32", **strides,
+           "stride_dzn": "i32", "stride_dbn": "i32", **xf}
+    for stats in (False, True):   # log-prob gradient; + the statistics' gradient (entropy bonus)
+        dt_ = cfg["dz_stats" if stats else "dz"]
+        yield (f"logprob_dz{'_stats' if stats else ''}", kernels.logprob_dz_kernel, sig,
+               {**unit, **flags, "STATS_GRAD": stats, "HAS_DB": True, "GROUP_M": schedule.GROUP_M,
+                **dt_.constexprs()}, dt_.launch())
     sig = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_am": "i32", "stride_ak": "constexpr", "stride_bk": "i32", "stride_bn": "constexpr",
            "stride_cm": "i32", "stride_cn": "constexpr"}
@@ -52,24 +55,38 @@ def _specs(arch: int, dtype: torch.dtype):
     yield ("mm_acc", kernels.mm_acc_kernel, sig, const, mt.launch())
     ref = {"rh_ptr": f"*{t}", "rw_ptr": f"*{t}", "rb_ptr": f"*{t}"}
     rstrides = {"stride_rhn": "i32", "stride_rhd": "constexpr", "stride_rwv": "i32", "stride_rwd": "constexpr"}
-    kl_flags = {**flags, "HAS_REF_BIAS": True, "REF_DOT_FP32": False, "stride_rhd": 1, "stride_rwd": 1, **unit}
-    # plain KL (linear_kl); KL + both log-probs (linear_logprobs_kl); + the policy's stats (EXPO's pass)
-    for suffix, logp, stats in (("", False, False), ("_logp", True, False), ("_logp_stats", True, True)):
+    kl_flags = {**flags, "HAS_REF_BIAS": True, "HAS_REF_SOFTCAP": True, "HAS_REF_SCALE": True,
+                "REF_DOT_FP32": False, "stride_rhd": 1, "stride_rwd": 1, **unit}
+    two = {**xf, "ref_softcap": "fp32", "ref_scale": "fp32"}
+    pair = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref}
+    # plain KL (linear_kl); KL + both log-probs (linear_logprobs_kl); + the policy's stats (EXPO's
+    # pass); the reverse KL and the JSD's first pass with the student's statistics (distillation)
+    for suffix, kl_dir, logp, stats in (("", 0, False, False), ("_logp", 0, True, False),
+                                        ("_logp_stats", 0, True, True), ("_rev_stats", 1, True, True),
+                                        ("_jsd_stats", 2, True, True)):
         kt = cfg["kl_fwd_stats" if stats else "kl_fwd"]
-        sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "y_ptr": "*i64", "part_ptr": "*fp32",
-               "arg_ptr": "*i32", "N": "i32", "V": "i32", "D": "i32", "RD": "i32", "v_per_split": "i32",
-               "n_splits": "i32", **strides, **rstrides, "softcap": "fp32"}
+        sig = {**pair, "y_ptr": "*i64", "part_ptr": "*fp32", "arg_ptr": "*i32", "N": "i32", "V": "i32", "D": "i32",
+               "RD": "i32", "v_per_split": "i32", "n_splits": "i32", **strides, **rstrides, **two}
         yield (f"kl_fwd{suffix}", kernels.kl_fwd_kernel, sig,
-               {**kl_flags, "LOGP": logp, "STATS": stats, **kt.constexprs()}, kt.launch())
+               {**kl_flags, "KL_DIR": kl_dir, "LOGP": logp, "STATS": stats, **kt.constexprs()}, kt.launch())
+    kt = cfg["kl_fwd"]
+    sig = {**pair, "lse_ptr": "*fp32", "rlse_ptr": "*fp32", "part_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32",
+           "RD": "i32", "v_per_split": "i32", "n_splits": "i32", **strides, **rstrides, **two, "beta": "fp32",
+           "log_1mb": "fp32", "log_b": "fp32"}
+    yield ("jsd_fwd", kernels.jsd_fwd_kernel, sig, {**kl_flags, **kt.constexprs()}, kt.launch())
     kt = cfg["kl_dz"]
-    for logp in (False, True):    # KL gradient; KL + log-prob gradient in one dz
-        sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", **ref, "lse_ptr": "*fp32",
-               "rlse_ptr": "*fp32", "g_ptr": "*fp32", "y_ptr": "*i64", "glp_ptr": "*fp32", "dz_ptr": f"*{t}",
+    # KL gradient; KL + log-prob gradient in one dz; + the stats' gradient; reverse KL and JSD
+    for suffix, div, logp, stats in (("", 0, False, False), ("_logp", 0, True, False),
+                                     ("_logp_stats", 0, True, True), ("_rev_stats", 1, False, True),
+                                     ("_jsd_stats", 2, False, True)):
+        sig = {**pair, "lse_ptr": "*fp32", "rlse_ptr": "*fp32", "g_ptr": "*fp32", "aux_ptr": "*fp32",
+               "y_ptr": "*i64", "glp_ptr": "*fp32", "gst_ptr": "*fp32", "st_ptr": "*fp32", "dz_ptr": f"*{t}",
                "db_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "RD": "i32", "v_lo": "i32",
-               "n_cols": "i32", **strides, **rstrides, "stride_dzn": "i32", "stride_dbn": "i32", "softcap": "fp32"}
-        yield (f"kl_dz{'_logp' if logp else ''}", kernels.kl_dz_kernel, sig,
-               {**kl_flags, "LOGP": logp, "HAS_DB": True, "GROUP_M": schedule.GROUP_M, **kt.constexprs()},
-               kt.launch())
+               "n_cols": "i32", **strides, **rstrides, "stride_dzn": "i32", "stride_dbn": "i32", **two,
+               "beta": "fp32", "log_1mb": "fp32", "log_b": "fp32"}
+        yield (f"kl_dz{suffix}", kernels.kl_dz_kernel, sig,
+               {**kl_flags, "DIV": div, "LOGP": logp, "STATS_GRAD": stats, "HAS_DB": True,
+                "GROUP_M": schedule.GROUP_M, **kt.constexprs()}, kt.launch())
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -86,12 +103,12 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 # The two binaries of each kernel that are checked:
-#   general  bias and soft-cap on; pointers 16-byte aligned, strides and hidden sizes divisible
+#   general  bias, soft-cap and logit scale on (both heads); pointers 16-byte aligned, strides and hidden sizes divisible
 #            by 16 (row counts and vocabulary sizes arbitrary)
 #   spec     what the JIT builds at the main shape (N=16384, D=4096, V=128256, no bias, no
 #            soft-cap): every integer argument divisible by 16 except the split count
 VARIANTS = ("general", "spec")
-_OFF = ("HAS_BIAS", "HAS_SOFTCAP", "HAS_REF_BIAS")
+_OFF = ("HAS_BIAS", "HAS_SOFTCAP", "HAS_SCALE", "HAS_REF_BIAS", "HAS_REF_SOFTCAP", "HAS_REF_SCALE")
 
 
 def compile_one(job):

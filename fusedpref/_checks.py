@@ -91,14 +91,43 @@ def range_error(targets: torch.Tensor, vocab: int, ignore_index: int, name: str 
                       f"found {first} ({int(bad.sum())} such entries)")
 
 
-def check_softcap(softcap):
+def check_softcap(softcap, name="softcap"):
     if softcap is None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a positive float or None, got {type(softcap).__name__}")
+        raise TypeError(f"{name} must be a positive float or None, got {type(softcap).__name__}")
     if not (softcap > 0 and math.isfinite(softcap)):
-        raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
+        raise ValueError(f"{name} must be a positive finite float or None, got {softcap}")
     return float(softcap)
+
+
+def check_scale(scale, name="logit_scale"):
+    """A logit scale (multiplier after the soft-cap): None, or a finite nonzero real; 1 -> None."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name} must be a finite nonzero float or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale != 0):
+        raise ValueError(f"{name} must be a finite nonzero float or None, got {scale}")
+    return None if scale == 1 else float(scale)
+
+
+def check_temperature(temperature, name="temperature"):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"{name} must be a positive float, got {type(temperature).__name__}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"{name} must be a positive finite float, got {temperature}")
+    return float(temperature)
+
+
+def check_beta_divergence(beta):
+    """The divergence's beta: 0 = KL(ref || policy), 1 = KL(policy || ref), between = JSD."""
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"beta must be a float in [0, 1], got {type(beta).__name__}")
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must lie in [0, 1] (0: KL(ref || policy), 1: KL(policy || ref), between: "
+                         f"the generalised JSD), got {beta}")
+    return float(beta)
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:

@@ -79,21 +79,29 @@ def _grad_fakes(hidden, weight, bias, needs):
             torch.empty_like(bias) if need_b else _nothing(hidden))
 
 
+N_STATS = 4   # columns of the statistics: sum of logits, entropy, argmax hit, log sum_v p^2
+
+
+def _rows_or_none(t: Optional[Tensor], idx: Tensor) -> Optional[Tensor]:
+    return None if t is None else t.index_select(0, idx)
+
+
 # ---------------------------------------------------------------- log-probabilities of one head
 
 @torch.library.custom_op("fusedpref::logprob_fwd", mutates_args=())
 @_no_autocast
 def logprob_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], ignore_index: int,
-                softcap: Optional[float], backend: str, with_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp [n], lse [n], stats [n, 3] or [0])."""
+                softcap: Optional[float], scale: Optional[float], backend: str,
+                with_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp [n], lse [n], stats [n, 4] or [0])."""
     n = targets.shape[0]
     dt = chunked.acc_dtype(hidden.dtype)
     logp, lse = hidden.new_zeros(n, dtype=dt), hidden.new_zeros(n, dtype=dt)
-    stats = hidden.new_zeros((n, 3) if with_stats else (0,), dtype=dt)
+    stats = hidden.new_zeros((n, N_STATS) if with_stats else (0,), dtype=dt)
     idx, y = _valid_rows(targets, ignore_index, weight.shape[0])
     if idx.numel():
         lp, ls, st = _impl(backend).logprob_forward(hidden.index_select(0, idx), weight, bias, y, softcap,
-                                                    with_stats)
+                                                    with_stats, scale=scale)
         logp.index_copy_(0, idx, lp.to(dt))
         lse.index_copy_(0, idx, ls.to(dt))
         if with_stats:
@@ -102,89 +110,101 @@ def logprob_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[
 
 
 @logprob_fwd.register_fake
-def _(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats):
+def _(hidden, weight, targets, bias, ignore_index, softcap, scale, backend, with_stats):
     n = targets.shape[0]
     dt = chunked.acc_dtype(hidden.dtype)
     return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
-            hidden.new_empty((n, 3) if with_stats else (0,), dtype=dt))
+            hidden.new_empty((n, N_STATS) if with_stats else (0,), dtype=dt))
 
 
 @torch.library.custom_op("fusedpref::logprob_bwd", mutates_args=())
 @_no_autocast
-def logprob_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
-                lse: Tensor, ignore_index: int, softcap: Optional[float], backend: str, need_h: bool,
-                need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i grad_i * logp_i: (dH [n, D], dW [V, D], db [V]), empty where not needed."""
+def logprob_bwd(grad: Tensor, grad_stats: Optional[Tensor], hidden: Tensor, weight: Tensor, targets: Tensor,
+                bias: Optional[Tensor], lse: Tensor, stats: Optional[Tensor], ignore_index: int,
+                softcap: Optional[float], scale: Optional[float], backend: str, need_h: bool, need_w: bool,
+                need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_i logp_i (+ <grad_stats_i, stats_i>): (dH [n, D], dW [V, D], db [V]),
+    empty where not needed."""
     needs = (need_h, need_w, need_b)
     idx, y = _valid_rows(targets, ignore_index)
     if idx.numel() == 0:
         return _zero_grads(hidden, weight, bias, needs)
     got = _impl(backend).logprob_backward(hidden.index_select(0, idx), weight, bias, y, lse.index_select(0, idx),
-                                          grad.index_select(0, idx), softcap, *needs)
+                                          grad.index_select(0, idx), softcap, *needs, scale=scale,
+                                          g_stats=_rows_or_none(grad_stats, idx), stats=_rows_or_none(stats, idx))
     return _scatter_grads(hidden, weight, bias, idx, got, needs)
 
 
 @logprob_bwd.register_fake
-def _(grad, hidden, weight, targets, bias, lse, ignore_index, softcap, backend, need_h, need_w, need_b):
+def _(grad, grad_stats, hidden, weight, targets, bias, lse, stats, ignore_index, softcap, scale, backend, need_h,
+      need_w, need_b):
     return _grad_fakes(hidden, weight, bias, (need_h, need_w, need_b))
 
 
-# ---------------------------------------------------------------- KL between two heads (+ log-probs)
+# ---------------------------------------------------------------- divergence between two heads (+ log-probs)
 
 @torch.library.custom_op("fusedpref::kl_fwd", mutates_args=())
 @_no_autocast
 def kl_fwd(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor,
            bias: Optional[Tensor], ref_bias: Optional[Tensor], ignore_index: int, softcap: Optional[float],
+           scale: Optional[float], ref_softcap: Optional[float], ref_scale: Optional[float], div: int, beta: float,
            backend: str, with_logp: bool, with_stats: bool
-           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(kl, lse, rlse [n]; logp, ref_logp [n] or [0]; stats [n, 3] or [0]) from one pass."""
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(divergence, lse, rlse, aux [n]; logp, ref_logp [n] or [0]; stats [n, 4] or [0]) from one
+    pass over both heads (two for the JSD). div: 0 KL(ref || policy), 1 KL(policy || ref), 2 JSD;
+    aux: what the backward needs (div 1: the KL, div 2: KL(p || m); 0 for div 0)."""
     n = targets.shape[0]
     dt = chunked.acc_dtype(hidden.dtype)
-    kl, lse, rlse = (hidden.new_zeros(n, dtype=dt) for _ in range(3))
+    dv, lse, rlse, aux = (hidden.new_zeros(n, dtype=dt) for _ in range(4))
     logp, ref_logp = (hidden.new_zeros(n if with_logp else 0, dtype=dt) for _ in range(2))
-    stats = hidden.new_zeros((n, 3) if with_stats else (0,), dtype=dt)
+    stats = hidden.new_zeros((n, N_STATS) if with_stats else (0,), dtype=dt)
     idx, y = _valid_rows(targets, ignore_index, weight.shape[0])
     if idx.numel():
         got = _impl(backend).kl_forward(hidden.index_select(0, idx), weight, bias, ref_hidden.index_select(0, idx),
                                         ref_weight, ref_bias, softcap, y=y if with_logp else None,
-                                        with_stats=with_stats)
-        for out, v in zip((kl, lse, rlse, logp, ref_logp, stats), got):
+                                        with_stats=with_stats, scale=scale, ref_softcap=ref_softcap,
+                                        ref_scale=ref_scale, div=div, beta=beta)
+        for out, v in zip((dv, lse, rlse, logp, ref_logp, stats, aux), got):
             if v is not None:
                 out.index_copy_(0, idx, v.to(dt))
-    return kl, lse, rlse, logp, ref_logp, stats
+    return dv, lse, rlse, aux, logp, ref_logp, stats
 
 
 @kl_fwd.register_fake
-def _(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap, backend,
-      with_logp, with_stats):
+def _(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap, scale, ref_softcap,
+      ref_scale, div, beta, backend, with_logp, with_stats):
     n = targets.shape[0]
     dt = chunked.acc_dtype(hidden.dtype)
-    e = [hidden.new_empty(k, dtype=dt) for k in (n, n, n, n if with_logp else 0, n if with_logp else 0)]
-    return (*e, hidden.new_empty((n, 3) if with_stats else (0,), dtype=dt))
+    e = [hidden.new_empty(k, dtype=dt) for k in (n, n, n, n, n if with_logp else 0, n if with_logp else 0)]
+    return (*e, hidden.new_empty((n, N_STATS) if with_stats else (0,), dtype=dt))
 
 
 @torch.library.custom_op("fusedpref::kl_bwd", mutates_args=())
 @_no_autocast
-def kl_bwd(grad_kl: Tensor, grad_logp: Optional[Tensor], hidden: Tensor, weight: Tensor, ref_hidden: Tensor,
-           ref_weight: Tensor, targets: Tensor, bias: Optional[Tensor], ref_bias: Optional[Tensor], lse: Tensor,
-           rlse: Tensor, ignore_index: int, softcap: Optional[float], backend: str, need_h: bool, need_w: bool,
+def kl_bwd(grad_div: Tensor, grad_logp: Optional[Tensor], grad_stats: Optional[Tensor], hidden: Tensor,
+           weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+           ref_bias: Optional[Tensor], lse: Tensor, rlse: Tensor, aux: Tensor, stats: Optional[Tensor],
+           ignore_index: int, softcap: Optional[float], scale: Optional[float], ref_softcap: Optional[float],
+           ref_scale: Optional[float], div: int, beta: float, backend: str, need_h: bool, need_w: bool,
            need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i grad_kl_i KL_i (+ grad_logp_i logp_i) w.r.t. the policy head, one recompute."""
+    """Gradients of sum_i grad_div_i div_i (+ grad_logp_i logp_i + <grad_stats_i, stats_i>) w.r.t.
+    the policy head, one recompute."""
     needs = (need_h, need_w, need_b)
     idx, y = _valid_rows(targets, ignore_index)
     if idx.numel() == 0:
         return _zero_grads(hidden, weight, bias, needs)
-    rows = lambda t: t.index_select(0, idx)  # noqa: E731
+    rows = lambda t: _rows_or_none(t, idx)  # noqa: E731
     got = _impl(backend).kl_backward(
-        rows(hidden), weight, bias, rows(ref_hidden), ref_weight, ref_bias, rows(lse), rows(rlse), rows(grad_kl),
-        softcap, *needs, y=y if grad_logp is not None else None,
-        g_lp=None if grad_logp is None else rows(grad_logp))
+        rows(hidden), weight, bias, rows(ref_hidden), ref_weight, ref_bias, rows(lse), rows(rlse), rows(grad_div),
+        softcap, *needs, y=y if grad_logp is not None else None, g_lp=rows(grad_logp), scale=scale,
+        ref_softcap=ref_softcap, ref_scale=ref_scale, div=div, beta=beta, aux=rows(aux) if div else None,
+        g_stats=rows(grad_stats), stats=rows(stats))
     return _scatter_grads(hidden, weight, bias, idx, got, needs)
 
 
 @kl_bwd.register_fake
-def _(grad_kl, grad_logp, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, lse, rlse, ignore_index,
-      softcap, backend, need_h, need_w, need_b):
+def _(grad_div, grad_logp, grad_stats, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, lse, rlse,
+      aux, stats, ignore_index, softcap, scale, ref_softcap, ref_scale, div, beta, backend, need_h, need_w, need_b):
     return _grad_fakes(hidden, weight, bias, (need_h, need_w, need_b))
 
 

@@ -176,7 +176,7 @@ def _metrics(p: Pairs, rewards_kind, stats, mask, vocab, b):
     def token_mean(x, w):
         return (x * w).sum() / w.sum().clamp(min=1)
 
-    return {
+    out = {
         "rewards/chosen": rc.detach().mean(),
         "rewards/rejected": rr.detach().mean(),
         "rewards/accuracies": (rc > rr).float().mean(),
@@ -188,6 +188,9 @@ def _metrics(p: Pairs, rewards_kind, stats, mask, vocab, b):
         "entropy": token_mean(stats[..., 1], m),
         "mean_token_accuracy": token_mean(stats[:b, :, 2], mc),
     }
+    if p.kl_chosen is not None:     # EXPO's exact KL(p_ref || p_theta), summed over each sequence's tokens
+        out["kl/chosen"], out["kl/rejected"] = p.kl_chosen.detach().mean(), p.kl_rejected.detach().mean()
+    return out
 
 
 class FusedLinearPreferenceLoss(torch.nn.Module):

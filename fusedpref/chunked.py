@@ -7,6 +7,8 @@ exactly like fusedpref.ops.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import config
@@ -23,14 +25,34 @@ def _cols(n, vocab, dtype, parts=1, cuda=False):
     return max(1, vocab_chunk_cols(n, vocab, acc_dtype(dtype).itemsize, default_mb=256 if cuda else 8) // parts)
 
 
-def chunk_logits(hf, w, b, softcap, v0, v1):
-    """Logits of columns v0:v1 for rows hf, in hf's (compute) dtype."""
+def chunk_logits(hf, w, b, softcap, v0, v1, scale=None):
+    """Logits softcap(hf w^T + b) * scale of columns v0:v1 for rows hf, in hf's (compute) dtype."""
     z = hf @ w[v0:v1].to(hf.dtype).t()
     if b is not None:
         z += b[v0:v1].to(hf.dtype)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    if scale is not None:
+        z *= scale
     return z
+
+
+def _chain(z, softcap, scale):
+    """d z / d (h w^T + b) from the transformed logits z: scale (1 - (z / (scale softcap))^2),
+    or None when it is 1."""
+    if softcap is None:
+        return None if scale is None else scale
+    c = softcap if scale is None else scale * softcap
+    d = z.div(c).square_().neg_().add_(1.0)
+    return d if scale is None else d.mul_(scale)
+
+
+def stats_grad(p, logp, g_stats, stats):
+    """Gradient w.r.t. the logits of sum_i <g_stats_i, stats_i> (kernels/tiles.py stats_grad):
+    g_sum - g_H p (log p + H) + 2 g_Q p (p / Q - 1); the argmax hit has none."""
+    g_sum, g_ent, g_q = g_stats[:, 0:1], g_stats[:, 1:2], g_stats[:, 3:4]
+    ent, inv_q = stats[:, 1:2], torch.exp(-stats[:, 3:4])
+    return g_sum - g_ent * p * (logp + ent) + 2.0 * g_q * p * (p * inv_q - 1.0)
 
 
 def _target_in_chunk(z, y, v0, v1):
@@ -57,6 +79,7 @@ class _OnlinePass:
             self.zsum, self.pz = torch.zeros(n, **f), torch.zeros(n, **f)
             self.amax = torch.full((n,), float("-inf"), **f)
             self.aidx = torch.zeros(n, dtype=torch.long, device=device)
+            self.q = torch.zeros(n, **f)
 
     def add(self, z, v0, v1):
         """Folds in the logits z of columns v0:v1 (overwritten with stats); returns the rescaling
@@ -79,6 +102,7 @@ class _OnlinePass:
             better = cmax > self.amax
             self.aidx = torch.where(better, carg + v0, self.aidx)
             self.amax = torch.where(better, cmax, self.amax)
+            self.q = self.q * alpha * alpha + torch.einsum("ij,ij->i", p, p)
         self.l = l * alpha + p.sum(1)
         self.m = m_new
         return alpha, p
@@ -90,18 +114,18 @@ class _OnlinePass:
         return self.zy - self.lse()
 
     def stats(self):
-        """[Nv, 3] = (sum of logits, entropy log l - S / l, argmax == target), or None."""
+        """[Nv, 4] = (sum of logits, entropy log l - S / l, argmax == target, log sum p^2), or None."""
         if not self.with_stats:
             return None
-        return torch.stack([self.zsum, torch.log(self.l) - self.pz / self.l, (self.aidx == self.y).to(self.l)],
-                           dim=1)
+        return torch.stack([self.zsum, torch.log(self.l) - self.pz / self.l, (self.aidx == self.y).to(self.l),
+                            torch.log(self.q) - 2.0 * torch.log(self.l)], dim=1)
 
 
-def logprob_forward(h, w, b, y, softcap, with_stats: bool):
+def logprob_forward(h, w, b, y, softcap, with_stats: bool, scale=None):
     hf = h.to(acc_dtype(h.dtype))
     pol = _OnlinePass(h.shape[0], h.device, y, with_stats, hf.dtype)
     for v0, v1 in vocab_chunks(w.shape[0], _cols(h.shape[0], w.shape[0], h.dtype, cuda=h.is_cuda)):
-        pol.add(chunk_logits(hf, w, b, softcap, v0, v1), v0, v1)
+        pol.add(chunk_logits(hf, w, b, softcap, v0, v1, scale), v0, v1)
     return pol.logp(), pol.lse(), pol.stats()
 
 
@@ -124,77 +148,127 @@ def head_backward(h, w, need_h, need_w, need_b, chunk_dz):
     return (dh.to(h.dtype) if need_h else None), dw, db
 
 
-def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
+def _onehot_add(dz, y, g, v0, v1):
+    """dz[i, y_i - v0] += g_i where v0 <= y_i < v1."""
+    rows = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
+    dz[rows, y[rows] - v0] += g[rows]
+
+
+def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b, scale=None, g_stats=None, stats=None):
     g = g.to(acc_dtype(h.dtype))
+    if g_stats is not None:
+        g_stats, stats = g_stats.to(g.dtype), stats.to(g.dtype)
 
     def chunk_dz(hf, v0, v1):
-        z = chunk_logits(hf, w, b, softcap, v0, v1)
-        inside = (y >= v0) & (y < v1)
-        rows = inside.nonzero().squeeze(1)
-        cols = y[rows] - v0
-        if softcap is not None:
-            cap = z.div(softcap).square_().neg_().add_(1.0)      # 1 - (z / softcap)^2
-        dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])       # in place: z is not needed after
-        dz[rows, cols] += g[rows]
-        if softcap is not None:
-            dz.mul_(cap)
-        return dz
+        z = chunk_logits(hf, w, b, softcap, v0, v1, scale)
+        chain = _chain(z, softcap, scale)
+        logp = z.sub_(lse[:, None])                              # in place: z is not needed after
+        p = logp.exp()
+        dz = p * -g[:, None]
+        _onehot_add(dz, y, g, v0, v1)
+        if g_stats is not None:
+            dz += stats_grad(p, logp, g_stats, stats)
+        return dz if chain is None else dz.mul_(chain)
 
     return head_backward(h, w, need_h, need_w, need_b, chunk_dz)
 
 
-def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False):
-    """As fusedpref.ops.kl_forward: (kl, lse, rlse, logp, ref_logp, stats).
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
-    KL = E_ref[(r - m_r) - (z - m_z)] - log l_r + log l_z, with the expectation accumulated
-    relative to both running maxes (a = sum_v exp(r - m_r) ((r - m_r) - (z - m_z))), so that
-    nothing of the size of the logits cancels at the end (|z| ~ 1e3 keeps fp32 accuracy)."""
+
+def _log_mixture(logp, logq, beta):
+    return torch.logaddexp(logp + math.log1p(-beta), logq + math.log(beta))
+
+
+def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
+               ref_scale=None, div=0, beta=0.5):
+    """As fusedpref.ops.kl_forward: (div, lse, rlse, logp, ref_logp, stats, aux).
+
+    The KL is E[(r - m_r) - (z - m_z)] - log l_r + log l_z (or the reverse), with the
+    expectation accumulated relative to both running maxes (a = sum_v exp(r - m_r)
+    ((r - m_r) - (z - m_z))), so that nothing of the size of the logits cancels at the end
+    (|z| ~ 1e3 keeps fp32 accuracy). The JSD (div 2) takes a second pass, given both lse."""
     n = h.shape[0]
     hf = h.to(acc_dtype(h.dtype))
     rhf = rh.to(hf.dtype)
     pol = _OnlinePass(n, h.device, y, with_stats, hf.dtype)
     ref = _OnlinePass(n, h.device, y, dtype=hf.dtype)
     a = torch.zeros(n, device=h.device, dtype=hf.dtype)
-    # two heads' chunks live at once: half the columns per chunk
-    for v0, v1 in vocab_chunks(w.shape[0], _cols(n, w.shape[0], h.dtype, parts=2, cuda=h.is_cuda)):
-        z = chunk_logits(hf, w, b, softcap, v0, v1)
-        r = chunk_logits(rhf, rw, rb, softcap, v0, v1)
-        mr_old, mz_old, lr_old = ref.m, pol.m, ref.l
-        mz_new = torch.maximum(mz_old, z.amax(1))
-        alpha, pr = ref.add(r, v0, v1)
-        # move a to the new maxes (nothing to move before the first chunk), then add this chunk
-        shift = torch.where(lr_old > 0, (mr_old - ref.m) - (mz_old - mz_new), 0.0)
-        diff = r.sub_(ref.m[:, None]).sub_(z).add_(mz_new[:, None])      # (r - m_r) - (z - m_z), in place
-        a = alpha * (a + lr_old * shift) + torch.einsum("ij,ij->i", pr, diff)
-        pol.add(z, v0, v1)                           # after the KL term: it may overwrite z
+    cols = _cols(n, w.shape[0], h.dtype, parts=2, cuda=h.is_cuda)    # two heads' chunks live at once
+
+    def both(v0, v1):
+        return (chunk_logits(hf, w, b, softcap, v0, v1, scale),
+                chunk_logits(rhf, rw, rb, ref_softcap, v0, v1, ref_scale))
+
+    for v0, v1 in vocab_chunks(w.shape[0], cols):
+        z, r = both(v0, v1)
+        if div == 2:
+            ref.add(r, v0, v1)
+            pol.add(z, v0, v1)
+            continue
+        # KL(first || second) relative to both running maxes; move a to the new maxes (nothing
+        # to move before the first chunk), then add this chunk
+        first, x, second, u = (ref, r, pol, z) if div == 0 else (pol, z, ref, r)
+        m1_old, m2_old, l1_old = first.m, second.m, first.l
+        m1_new, m2_new = torch.maximum(m1_old, x.amax(1)), torch.maximum(m2_old, u.amax(1))
+        diff = (x - m1_new[:, None]).sub_(u).add_(m2_new[:, None])       # (x - m_x) - (u - m_u)
+        alpha_r, p_r = ref.add(r, v0, v1)
+        alpha_z, p_z = pol.add(z, v0, v1)            # after diff: with stats it overwrites z
+        alpha, p1 = (alpha_r, p_r) if div == 0 else (alpha_z, p_z)
+        shift = torch.where(l1_old > 0, (m1_old - m1_new) - (m2_old - m2_new), 0.0)
+        a = alpha * (a + l1_old * shift) + torch.einsum("ij,ij->i", p1, diff)
     lse, rlse = pol.lse(), ref.lse()
     logp_on = y is not None
-    kl = a / ref.l - torch.log(ref.l) + torch.log(pol.l)
-    return (kl, lse, rlse, pol.logp() if logp_on else None, ref.logp() if logp_on else None, pol.stats())
+    logp, ref_logp = (pol.logp(), ref.logp()) if logp_on else (None, None)
+    if div == 2:
+        jsd = torch.zeros(n, device=h.device, dtype=hf.dtype)
+        kls = torch.zeros_like(jsd)
+        for v0, v1 in vocab_chunks(w.shape[0], cols):
+            z, r = both(v0, v1)
+            lp, lq = z.sub_(lse[:, None]), r.sub_(rlse[:, None])
+            lm = _log_mixture(lp, lq, beta)
+            kl_p = (lp.exp() * (lp - lm)).sum(1)
+            kls += kl_p
+            jsd += beta * (lq.exp() * (lq - lm)).sum(1) + (1.0 - beta) * kl_p
+        return jsd, lse, rlse, logp, ref_logp, pol.stats(), kls
+    if div == 0:
+        kl = a / ref.l - torch.log(ref.l) + torch.log(pol.l)
+    else:
+        kl = a / pol.l - torch.log(pol.l) + torch.log(ref.l)
+    return kl, lse, rlse, logp, ref_logp, pol.stats(), (kl if div == 1 else None)
 
 
-def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b, y=None, g_lp=None):
-    """Gradients of sum g * KL (+ sum g_lp * logp with targets y) w.r.t. the policy head."""
+def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b, y=None, g_lp=None, *,
+                scale=None, ref_softcap=None, ref_scale=None, div=0, beta=0.5, aux=None, g_stats=None,
+                stats=None):
+    """Gradients of sum g * div (+ sum g_lp * logp with targets y; + the stats' upstream
+    gradient) w.r.t. the policy head."""
     g = g.to(acc_dtype(h.dtype))
     rhf = rh.to(g.dtype)
     if g_lp is not None:
         g_lp = g_lp.to(g.dtype)
+    if aux is not None:
+        aux = aux.to(g.dtype)
+    if g_stats is not None:
+        g_stats, stats = g_stats.to(g.dtype), stats.to(g.dtype)
 
     def chunk_dz(hf, v0, v1):
-        z = chunk_logits(hf, w, b, softcap, v0, v1)
-        r = chunk_logits(rhf, rw, rb, softcap, v0, v1)
-        if softcap is not None:
-            cap = z.div(softcap).square_().neg_().add_(1.0)
-        p = z.sub_(lse[:, None]).exp_()
-        if g_lp is None:
-            dz = p.sub_(r.sub_(rlse[:, None]).exp_()).mul_(g[:, None])
-        else:   # g (p - p_ref) + g_lp (onehot - p) = (g - g_lp) p - g p_ref + g_lp onehot
-            dz = p.mul_((g - g_lp)[:, None]).sub_(r.sub_(rlse[:, None]).exp_().mul_(g[:, None]))
-            inside = (y >= v0) & (y < v1)
-            rows = inside.nonzero().squeeze(1)
-            dz[rows, y[rows] - v0] += g_lp[rows]
-        if softcap is not None:
-            dz.mul_(cap)
-        return dz
+        z = chunk_logits(hf, w, b, softcap, v0, v1, scale)
+        r = chunk_logits(rhf, rw, rb, ref_softcap, v0, v1, ref_scale)
+        chain = _chain(z, softcap, scale)
+        logp, logq = z.sub_(lse[:, None]), r.sub_(rlse[:, None])
+        p = logp.exp()
+        if div == 0:
+            dz = (p - logq.exp_()).mul_(g[:, None])
+        elif div == 1:
+            dz = p * (logp - logq - aux[:, None]) * g[:, None]
+        else:
+            dz = p * (logp - _log_mixture(logp, logq, beta) - aux[:, None]) * ((1.0 - beta) * g)[:, None]
+        if g_lp is not None:
+            dz -= p * g_lp[:, None]
+            _onehot_add(dz, y, g_lp, v0, v1)
+        if g_stats is not None:
+            dz += stats_grad(p, logp, g_stats, stats)
+        return dz if chain is None else dz.mul_(chain)
 
     return head_backward(h, w, need_h, need_w, need_b, chunk_dz)

@@ -90,6 +90,16 @@ for _dt in (_BF, _FP):
     TILES[("kl_dz", 9, _dt)] = Tiles(64, 64, 64, 8, 3)          # 64x128x64: 254 regs under 3.6
     # ("fwd", 9) stays 128x64x64: 128x128x32 is 201 regs under 3.9 but 242 under 3.6; fwd_stats
     # at 128x128 spills 8 B under 3.9
+# The backward with the statistics' gradient (an entropy bonus: STATS_GRAD) keeps two more tiles
+# live than the plain dz: the plain dz's config except where that went over 240 registers
+for _key in [k for k in TILES if k[0] == "dz"]:
+    TILES[("dz_stats",) + _key[1:]] = TILES[_key]
+for _dt in (_BF, _FP):
+    TILES[("dz_stats", 9, _dt)] = Tiles(128, 64, 64, 8, 3)      # 128x128x64: 255 regs, spills 8 B
+    # with log sum p^2, the logit scales and the reverse KL (2026-12-01, Triton 3.9 and 3.6):
+    TILES[("kl_fwd_stats", 8, _dt)] = Tiles(64, 64, 32, 8, 2)   # 64x64x32 x3 stages: 244 regs
+    TILES[("kl_fwd_stats", 9, _dt)] = Tiles(64, 64, 32, 8, 3)   # 64x64x64: 248 regs under 3.6
+TILES[("kl_dz", 8, _F32)] = Tiles(64, 64, 16, 4, 2)             # 3 stages: 242 regs under 3.6
 # In the Triton interpreter (CPU tests) small tiles, so that tests at 37 tokens x hidden 72 x
 # vocab 1009 cross several row blocks, K slices and vocabulary tiles.
 _INTERPRETER_TILES = Tiles(16, 64, 32, 4, 1)
@@ -159,8 +169,8 @@ def _arch(device: torch.device) -> int:
 
 
 def tiles(kernel: str, device: torch.device, dtype: torch.dtype) -> Tiles:
-    """The fixed config of `kernel` ("fwd", "fwd_stats", "dz", "mm", "kl_fwd", "kl_fwd_stats",
-    "kl_dz") for this device and dtype."""
+    """The fixed config of `kernel` ("fwd", "fwd_stats", "dz", "dz_stats", "mm", "kl_fwd",
+    "kl_fwd_stats", "kl_dz") for this device and dtype."""
     if interpreting():
         return _INTERPRETER_TILES
     return TILES[(kernel, _arch(device), dtype)]

@@ -9,11 +9,29 @@ with torch.compile(fullgraph=True).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _library
-from ._checks import (autocast_dtype, check_head, check_ignore_index, check_softcap, check_targets,
-                      resolve_backend)
+from ._checks import (autocast_dtype, check_beta_divergence, check_head, check_ignore_index, check_scale,
+                      check_softcap, check_targets, check_temperature, resolve_backend)
+
+
+_WEIGHT_GATHER = None
+
+
+def set_weight_gather(fn) -> None:
+    """Registers fn(*params) -> context manager that materialises partitioned head weights (DeepSpeed
+    ZeRO-3: TRL's maybe_gather_lm_head_ctx) around every backward recompute; None removes it.
+    fusedpref.integrations.trl.patch_trl() registers TRL's. The forward runs inside the caller's
+    gather (as TRL's fused heads are called)."""
+    global _WEIGHT_GATHER
+    _WEIGHT_GATHER = fn
+
+
+def _gathered(*params):
+    return contextlib.nullcontext() if _WEIGHT_GATHER is None else _WEIGHT_GATHER(*params)
 
 
 def _autocast(*tensors):
@@ -80,74 +98,121 @@ def _policy_grads(ctx, dh, dw, db, needs, anchors):
                        db if needs[2] else None), anchors)
 
 
-class LinearLogProbs(torch.autograd.Function):
-    """logp = log_softmax(softcap(hidden @ weight.T + bias))[targets], 0 at ignore_index.
+def _stats_view(stats, shape, with_stats):
+    return stats.view(*shape, _library.N_STATS) if with_stats else stats
 
-    apply(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats)
+
+class LinearLogProbs(torch.autograd.Function):
+    """logp = log_softmax(z)[targets], z = softcap(hidden @ weight.T + bias) * logit_scale, 0 at
+    ignore_index.
+
+    apply(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats, logit_scale)
     -> (logp float32 [*targets.shape] (float64 for float64 inputs),
-        stats [*targets.shape, 3] or [0]).
-    stats (not differentiable, 0 on ignored rows) = (sum of logits over V, entropy, argmax == target).
+        stats [*targets.shape, 4] or [0]).
+    stats (0 on ignored rows) = (sum of logits over V, entropy, argmax == target, log sum_v p^2),
+    each with its exact gradient (the argmax hit's is 0): one backward recompute serves the
+    log-probs' and the statistics' upstream gradients,
+        dz = g_lp (onehot - p) + g_sum - g_H p (log p + H) + 2 g_Q p (p / Q - 1).
+    logit_scale (None = 1) multiplies the capped logits: a temperature T is logit_scale = 1 / T.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias=None, ignore_index=-100, softcap=None,
-                backend="auto", with_stats=False):
+                backend="auto", with_stats=False, logit_scale=None):
+        ctx.set_materialize_grads(False)
         hidden, weight, bias = _autocast(hidden, weight, bias)
         flat, y, ignore_index, softcap, backend = _check_one(hidden, weight, bias, targets, ignore_index,
                                                              softcap, backend)
-        logp, lse, stats = _library.logprob_fwd(flat, weight, y, bias, ignore_index, softcap, backend,
-                                                bool(with_stats))
-        ctx.hshape, ctx.ignore_index, ctx.softcap, ctx.backend = hidden.shape, ignore_index, softcap, backend
+        scale = check_scale(logit_scale)
+        with_stats = bool(with_stats)
+        logp, lse, stats = _library.logprob_fwd(flat, weight, y, bias, ignore_index, softcap, scale, backend,
+                                                with_stats)
+        ctx.hshape, ctx.ignore_index, ctx.softcap, ctx.scale, ctx.backend = (hidden.shape, ignore_index, softcap,
+                                                                            scale, backend)
+        ctx.with_stats = with_stats
         if any(_needs(ctx, bias)):
-            ctx.save_for_backward(flat, weight, bias, y, lse)
-        stats = stats.view(*targets.shape, 3) if with_stats else stats
-        ctx.mark_non_differentiable(stats)             # the returned tensor itself
-        return logp.view(targets.shape), stats
+            ctx.save_for_backward(flat, weight, bias, y, lse, stats if with_stats else None)
+        return logp.view(targets.shape), _stats_view(stats, targets.shape, with_stats)
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_stats):
-        flat, weight, bias, y, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_stats):
+        flat, weight, bias, y, lse, stats = ctx.saved_tensors
         needs = _needs(ctx, bias)
-        dh, dw, db = _library.logprob_bwd(grad_logp.reshape(-1), flat, weight, y, bias, lse, ctx.ignore_index,
-                                          ctx.softcap, ctx.backend, *needs)
+        if grad_logp is None and grad_stats is None:
+            return (None,) * 9
+        g = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1)
+        gst = None if grad_stats is None or not ctx.with_stats else grad_stats.reshape(-1, _library.N_STATS)
+        with _gathered(weight, bias):
+            dh, dw, db = _library.logprob_bwd(g, gst, flat, weight, y, bias, lse, stats, ctx.ignore_index,
+                                              ctx.softcap, ctx.scale, ctx.backend, *needs)
         dh, dw, db = _policy_grads(ctx, dh, dw, db, needs, (flat, weight, bias))
-        return dh, dw, None, db, None, None, None, None
+        return dh, dw, None, db, None, None, None, None, None
+
+
+def _combined_scale(logit_scale, temperature, name="logit_scale"):
+    """One multiplier after the cap from a logit scale and a temperature (None when 1)."""
+    s = 1.0 if logit_scale is None else check_scale(logit_scale, name) or 1.0
+    return check_scale(s / check_temperature(temperature), name)
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
-                    backend="auto"):
+                    logit_scale=None, temperature=1.0, backend="auto"):
     """Per-token log-probabilities of a linear LM head without an N x V tensor.
 
     hidden [..., D] and weight [V, D] of one dtype (float32, float16, bfloat16; float64 on the
     torch backend; under torch.autocast the autocast dtype), bias [V] or None, targets [...]
-    integer. Returns float32 (float64 for float64 inputs) of targets' shape, 0.0 where ignore_index.
+    integer. Logits: softcap(hidden @ weight.T + bias) * logit_scale / temperature. Returns
+    float32 (float64 for float64 inputs) of targets' shape, 0.0 where ignore_index.
     """
-    logp, _ = LinearLogProbs.apply(hidden, weight, targets, bias, ignore_index, softcap, backend, False)
+    logp, _ = LinearLogProbs.apply(hidden, weight, targets, bias, ignore_index, softcap, backend, False,
+                                   _combined_scale(logit_scale, temperature))
     return logp
 
 
-def _kl_forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-                backend, with_logp, with_stats):
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _autocast(hidden, weight, bias, ref_hidden,
-                                                                       ref_weight, ref_bias)
-    flat, y, ignore_index, softcap, backend = _check_one(hidden, weight, bias, targets, ignore_index, softcap,
-                                                         backend)
-    rflat = _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias)
-    rw, rb = ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
-    out = _library.kl_fwd(flat, weight, rflat, rw, y, bias, rb, ignore_index, softcap, backend, with_logp,
-                          with_stats)
-    ctx.hshape, ctx.ignore_index, ctx.softcap, ctx.backend = hidden.shape, ignore_index, softcap, backend
-    if any(_needs(ctx, bias, 5)):
-        ctx.save_for_backward(flat, weight, bias, rflat, rw, rb, y, out[1], out[2])
+class _Heads:
+    """The checked, flattened arguments of a two-head call and its options."""
+
+    def __init__(self, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
+                 backend, *, ref_softcap=None, scale=None, ref_scale=None, beta=0.0):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _autocast(hidden, weight, bias, ref_hidden,
+                                                                           ref_weight, ref_bias)
+        self.flat, self.y, self.ignore_index, self.softcap, self.backend = _check_one(
+            hidden, weight, bias, targets, ignore_index, softcap, backend)
+        self.rflat = _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias)
+        self.weight, self.bias = weight, bias
+        self.rw, self.rb = ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+        self.ref_softcap = check_softcap(ref_softcap, "ref_softcap")
+        self.scale, self.ref_scale = check_scale(scale), check_scale(ref_scale, "ref_logit_scale")
+        self.beta = check_beta_divergence(beta)
+        self.div = 0 if self.beta == 0 else 1 if self.beta == 1 else 2
+        self.hshape = hidden.shape
+
+
+def _kl_forward(ctx, heads: _Heads, with_logp, with_stats):
+    ctx.set_materialize_grads(False)
+    k = heads
+    out = _library.kl_fwd(k.flat, k.weight, k.rflat, k.rw, k.y, k.bias, k.rb, k.ignore_index, k.softcap, k.scale,
+                          k.ref_softcap, k.ref_scale, k.div, k.beta, k.backend, with_logp, with_stats)
+    ctx.heads_opts = (k.ignore_index, k.softcap, k.scale, k.ref_softcap, k.ref_scale, k.div, k.beta, k.backend)
+    ctx.hshape, ctx.with_stats = k.hshape, with_stats
+    if any(_needs(ctx, k.bias, 5)):
+        ctx.save_for_backward(k.flat, k.weight, k.bias, k.rflat, k.rw, k.rb, k.y, out[1], out[2], out[3],
+                              out[6] if with_stats else None)
     return out
 
 
-def _kl_backward(ctx, grad_kl, grad_logp):
-    flat, weight, bias, rflat, rw, rb, y, lse, rlse = ctx.saved_tensors
+def _kl_backward(ctx, grad_div, grad_logp, grad_stats=None):
+    flat, weight, bias, rflat, rw, rb, y, lse, rlse, aux, stats = ctx.saved_tensors
     needs = _needs(ctx, bias, 5)
-    dh, dw, db = _library.kl_bwd(grad_kl.reshape(-1), None if grad_logp is None else grad_logp.reshape(-1),
-                                 flat, weight, rflat, rw, y, bias, rb, lse, rlse, ctx.ignore_index, ctx.softcap,
-                                 ctx.backend, *needs)
+    if grad_div is None and grad_logp is None and grad_stats is None:
+        return None, None, None
+    ignore_index, softcap, scale, ref_softcap, ref_scale, div, beta, backend = ctx.heads_opts
+    g = torch.zeros_like(lse) if grad_div is None else grad_div.reshape(-1)
+    gst = None if grad_stats is None or not ctx.with_stats else grad_stats.reshape(-1, _library.N_STATS)
+    with _gathered(weight, bias, rw, rb):
+        dh, dw, db = _library.kl_bwd(g, None if grad_logp is None else grad_logp.reshape(-1), gst, flat, weight,
+                                     rflat, rw, y, bias, rb, lse, rlse, aux, stats, ignore_index, softcap, scale,
+                                     ref_softcap, ref_scale, div, beta, backend, *needs)
     return _policy_grads(ctx, dh, dw, db, needs, (flat, weight, bias))
 
 
@@ -156,15 +221,15 @@ class LinearKL(torch.autograd.Function):
 
     apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
     backend) -> float32 [*targets.shape]; targets only mark the rows that count (0 elsewhere).
-    Gradients flow to the policy (hidden, weight, bias) only.
+    Gradients flow to the policy (hidden, weight, bias) only. LinearDivergence with beta = 0.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
                 ignore_index=-100, softcap=None, backend="auto"):
-        kl, *_ = _kl_forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
-                             softcap, backend, False, False)
-        return kl.view(targets.shape)
+        heads = _Heads(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
+                       backend, ref_softcap=softcap)
+        return _kl_forward(ctx, heads, False, False)[0].view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_kl):
@@ -179,6 +244,54 @@ def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref
                           softcap, backend)
 
 
+class LinearDivergence(torch.autograd.Function):
+    """Per-token divergence between the policy (student) head and the reference (teacher) head
+    over the full vocabulary, and optionally the policy's statistics, from one pass over both
+    heads (the generalised JSD takes two) and one recompute in backward. Gradients flow to the
+    policy (hidden, weight, bias) only.
+
+        beta = 0:     KL(p_ref || p)                    (TRL's forward KL; = LinearKL)
+        beta = 1:     KL(p || p_ref)                    (reverse KL)
+        0 < beta < 1: beta KL(p_ref || m) + (1 - beta) KL(p || m),  m = (1 - beta) p + beta p_ref
+
+    Each head's logits are softcap(h @ W.T + b) * logit_scale with its own cap and scale (a
+    temperature T is a scale 1 / T on both). The two heads may differ in hidden size and dtype.
+
+    apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, backend,
+    beta, softcap, ref_softcap, logit_scale, ref_logit_scale, with_stats)
+    -> (divergence float32 [*targets.shape], stats [*targets.shape, 4] or [0] as LinearLogProbs's,
+        with gradients); targets only mark the rows that count (their values are not read but must
+        lie in [0, V)); 0 elsewhere.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
+                ignore_index=-100, backend="auto", beta=0.0, softcap=None, ref_softcap=None, logit_scale=None,
+                ref_logit_scale=None, with_stats=False):
+        heads = _Heads(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
+                       backend, ref_softcap=ref_softcap, scale=logit_scale, ref_scale=ref_logit_scale, beta=beta)
+        with_stats = bool(with_stats)
+        out = _kl_forward(ctx, heads, with_stats, with_stats)
+        return out[0].view(targets.shape), _stats_view(out[6], targets.shape, with_stats)
+
+    @staticmethod
+    def backward(ctx, grad_div, grad_stats):
+        dh, dw, db = _kl_backward(ctx, grad_div, None, grad_stats)
+        return (dh, dw, None, None, None, db) + (None,) * 9
+
+
+def linear_divergence(hidden, weight, ref_hidden, ref_weight, targets, *, beta=0.0, bias=None, ref_bias=None,
+                      ignore_index=-100, softcap=None, ref_softcap=None, logit_scale=None, ref_logit_scale=None,
+                      temperature=1.0, backend="auto"):
+    """Per-token divergence [targets.shape] float32 between two heads (LinearDivergence; beta 0:
+    KL(p_ref || p), 1: KL(p || p_ref), between: the generalised JSD); each head's logits are
+    softcap(h @ W.T + b) * logit_scale / temperature. 0 where targets == ignore_index."""
+    div, _ = LinearDivergence.apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
+                                    backend, beta, softcap, ref_softcap, _combined_scale(logit_scale, temperature),
+                                    _combined_scale(ref_logit_scale, temperature, "ref_logit_scale"), False)
+    return div
+
+
 class LinearLogProbsKL(torch.autograd.Function):
     """The policy's and the reference's per-token log-probs and KL(p_ref || p_theta), all from one
     pass over both heads (EXPO's per-token work; LinearLogProbs + a reference forward + LinearKL
@@ -187,27 +300,26 @@ class LinearLogProbsKL(torch.autograd.Function):
     apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
     backend, with_stats) -> (logp, ref_logp, kl) float32 [*targets.shape] and stats as in
     LinearLogProbs; 0 where ignore_index. Gradients flow to the policy (hidden, weight, bias) from
-    logp and kl, through one backward pass: dz = g_lp (onehot - p) + g_kl (p - p_ref).
-    ref_logp and stats are not differentiable.
+    logp, kl and stats, through one backward pass: dz = g_lp (onehot - p) + g_kl (p - p_ref) + ...
+    ref_logp is not differentiable.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
                 ignore_index=-100, softcap=None, backend="auto", with_stats=False):
-        kl, _, _, logp, ref_logp, stats = _kl_forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias,
-                                                      ref_bias, ignore_index, softcap, backend, True,
-                                                      bool(with_stats))
+        heads = _Heads(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
+                       backend, ref_softcap=softcap)
+        with_stats = bool(with_stats)
+        kl, _, _, _, logp, ref_logp, stats = _kl_forward(ctx, heads, True, with_stats)
         shape = targets.shape
-        ref_logp, stats = ref_logp.view(shape), stats.view(*shape, 3) if with_stats else stats
-        ctx.mark_non_differentiable(ref_logp, stats)   # the returned tensors themselves
-        return logp.view(shape), ref_logp, kl.view(shape), stats
+        ref_logp = ref_logp.view(shape)
+        ctx.mark_non_differentiable(ref_logp)   # the returned tensor itself
+        return logp.view(shape), ref_logp, kl.view(shape), _stats_view(stats, shape, with_stats)
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_ref, grad_kl, _grad_stats):
-        dh, dw, db = _kl_backward(ctx, grad_kl, grad_logp)
+    def backward(ctx, grad_logp, _grad_ref, grad_kl, grad_stats):
+        dh, dw, db = _kl_backward(ctx, grad_kl, grad_logp, grad_stats)
         return dh, dw, None, None, None, db, None, None, None, None, None
-
-
 def linear_logprobs_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
                        ignore_index=-100, softcap=None, backend="auto"):
     """(logp, ref_logp, kl), each float32 [targets.shape], from one pass over both heads;

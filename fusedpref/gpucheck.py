@@ -85,6 +85,11 @@ def smoke(dry_run=False, out=print):
                 "kl": lambda b, h, w: (fusedpref.linear_kl(h, w, rh, rw, y, backend=b),),
                 "logprobs+kl": lambda b, h, w: fusedpref.linear_logprobs_kl(h, w, rh, rw, y, backend=b)[::2],
             }
+            if shape_name == "misaligned":   # the divergence modes and the statistics' gradient
+                paths["jsd+stats"] = lambda b, h, w: fusedpref.LinearDivergence.apply(
+                    h, w, rh, rw, y, None, None, -100, b, 0.5, None, 8.0, 1 / 0.7, None, True)
+                paths["rkl+cap"] = lambda b, h, w: (fusedpref.linear_divergence(
+                    h, w, rh, rw, y, beta=1.0, softcap=20.0, temperature=0.8, backend=b),)
             for name, fn in paths.items():
                 t0 = time.perf_counter()
                 try:
@@ -92,7 +97,9 @@ def smoke(dry_run=False, out=print):
                     for backend in ("triton", "torch"):
                         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
                         outs = fn(backend, hh, ww)
-                        grads = torch.autograd.grad(sum((o.float() * (g if i == 0 else g2)).sum()
+                        # the statistics [n, 4] get g2 on every column (the entropy's gradient too)
+                        grads = torch.autograd.grad(sum((o.float() * (g if i == 0 else g2.view(-1, *[1] * (o.dim() - 1))
+                                                                      )).sum()
                                                         for i, o in enumerate(outs[:2]) if o.requires_grad),
                                                     (hh, ww))
                         _sync(device)
@@ -165,8 +172,8 @@ def kernels(dry_run=False, out=print, csv_path=None):
             from .kernels import logprob_dz_kernel
 
             logprob_dz_kernel[(nb * triton.cdiv(cols, tiles.BLOCK_V),)](
-                h, w, h, y, lse, g, dz, lse, n, v, d, 0, cols, h.stride(0), h.stride(1), w.stride(0), w.stride(1),
-                dz.stride(0), 0, 1.0, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_DB=False,
+                h, w, h, y, lse, g, g, g, dz, lse, n, v, d, 0, cols, h.stride(0), h.stride(1), w.stride(0),
+                w.stride(1), dz.stride(0), 0, HAS_BIAS=False, **ops._xf(None, None), STATS_GRAD=False, HAS_DB=False,
                 DOT_FP32=ops._dot_fp32(dtype), GROUP_M=schedule.GROUP_M, **tiles.constexprs(), **tiles.launch())
         fc = 2 * n * d * cols
         gm = gemm_ms(n, d, cols)

@@ -5,13 +5,28 @@ targets y [Nv]. Tensors may live on CUDA, or on the CPU when TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 
 from . import config, schedule
 from ._chunks import vocab_chunk_cols, vocab_chunks
-from .kernels import kl_dz_kernel, kl_fwd_kernel, logprob_dz_kernel, logprob_fwd_kernel, mm_acc_kernel
+from .kernels import (jsd_fwd_kernel, kl_dz_kernel, kl_fwd_kernel, logprob_dz_kernel, logprob_fwd_kernel,
+                      mm_acc_kernel)
 from .kernels.kl import PLANES as KL_PLANES
+
+
+N_STATS = 4     # columns of the statistics: sum of logits, entropy, argmax hit, log sum_v p^2
+N_PLANES = 7    # planes of logprob_fwd_kernel's partials (kl_fwd_kernel's 0..6 are the same)
+
+
+def _xf(softcap, scale, ref=False):
+    """Kernel arguments of one head's logit transform (cap, then scale; None = off)."""
+    pre = "ref_" if ref else ""
+    flag = "HAS_REF_" if ref else "HAS_"
+    return {f"{pre}softcap": 1.0 if softcap is None else softcap, f"{pre}scale": 1.0 if scale is None else scale,
+            f"{flag}SOFTCAP": softcap is not None, f"{flag}SCALE": scale is not None}
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -35,7 +50,7 @@ def _lse(m, l):
 
 
 def combine_splits(part: torch.Tensor, arg: torch.Tensor | None, y: torch.Tensor):
-    """Merges per-split partials [field, split, row] into lse, logp and optional stats."""
+    """Merges per-split partials [field, split, row] into lse, logp and optional stats [n, 4]."""
     lse, scale, total = _lse(part[0], part[1])
     logp = part[2].sum(0) - lse
     stats = None
@@ -47,7 +62,8 @@ def combine_splits(part: torch.Tensor, arg: torch.Tensor | None, y: torch.Tensor
         entropy = torch.log(total) - shifted / total
         best = part[5].argmax(0, keepdim=True)          # first split holding the max
         hit = (arg.gather(0, best).squeeze(0).long() == y).float()
-        stats = torch.stack([logit_sum, entropy, hit], dim=1)
+        log_sq = torch.log((part[6] * scale * scale).sum(0)) - 2.0 * torch.log(total)
+        stats = torch.stack([logit_sum, entropy, hit, log_sq], dim=1)
     return logp, lse, stats
 
 
@@ -59,11 +75,12 @@ def _splits(n, vocab, d, elem, tiles, device):
     return schedule.split_layout(n, vocab, tiles.BLOCK_N, tiles.BLOCK_V, splits)
 
 
-def logprob_forward(h, w, b, y, softcap, with_stats: bool):
-    """logp [Nv], lse [Nv] (fp32) and, with_stats, [Nv, 3] = (sum_v z, entropy, argmax hit)."""
+def logprob_forward(h, w, b, y, softcap, with_stats: bool, scale=None):
+    """logp [Nv], lse [Nv] (fp32) and, with_stats, [Nv, 4] = (sum_v z, entropy, argmax hit,
+    log sum_v p^2); logits softcap(h w^T + b) * scale."""
     n, d = h.shape
     vocab = w.shape[0]
-    nf = 6 if with_stats else 3
+    nf = N_PLANES if with_stats else 3
 
     def run(tiles: config.Tiles):
         n_blocks, v_per_split, splits = _splits(n, vocab, d, h.element_size(), tiles, h.device)
@@ -73,8 +90,7 @@ def logprob_forward(h, w, b, y, softcap, with_stats: bool):
             h, w, b if b is not None else h, y, part, arg if arg is not None else part,
             n, vocab, d, v_per_split, splits,
             h.stride(0), h.stride(1), w.stride(0), w.stride(1),
-            softcap if softcap is not None else 1.0,
-            HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, STATS=with_stats,
+            HAS_BIAS=b is not None, STATS=with_stats, **_xf(softcap, scale),
             DOT_FP32=_dot_fp32(h.dtype), **tiles.constexprs(), **tiles.launch(),
         )
         return part, arg
@@ -127,36 +143,56 @@ def chunked_head_backward(h, w, need_h, need_w, need_b, fill_dz):
     return (dh.to(h.dtype) if need_h else None), dw, db
 
 
-def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b):
-    """Gradients of sum_i g_i * logp_i w.r.t. h [Nv, D], w [V, D], b [V] (None where not needed)."""
+def _stats_grad_args(g_stats, stats, fallback):
+    """(gst, st) pointers for STATS_GRAD: the statistics' upstream gradient and values [n, 4]."""
+    if g_stats is None:
+        return fallback, fallback
+    return g_stats.float().contiguous(), stats.float().contiguous()
+
+
+def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b, scale=None, g_stats=None, stats=None):
+    """Gradients of sum_i g_i * logp_i (+ sum_i <g_stats_i, stats_i>, stats as logprob_forward's)
+    w.r.t. h [Nv, D], w [V, D], b [V] (None where not needed)."""
     n, d = h.shape
     vocab = w.shape[0]
     g = g.float().contiguous()
+    gst, st = _stats_grad_args(g_stats, stats, g)
 
     def fill(dzc, v0, v1, need_db):
         def run(tiles):
             n_blocks = triton.cdiv(n, tiles.BLOCK_N)
             db_part = config.empty((n_blocks, v1 - v0), torch.float32, h.device) if need_db else None
             logprob_dz_kernel[(n_blocks * triton.cdiv(v1 - v0, tiles.BLOCK_V),)](
-                h, w, b if b is not None else h, y, lse, g, dzc, db_part if need_db else lse,
+                h, w, b if b is not None else h, y, lse, g, gst, st, dzc, db_part if need_db else lse,
                 n, vocab, d, v0, v1 - v0,
                 h.stride(0), h.stride(1), w.stride(0), w.stride(1), dzc.stride(0),
                 db_part.stride(0) if need_db else 0,
-                softcap if softcap is not None else 1.0,
-                HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None, HAS_DB=need_db,
+                HAS_BIAS=b is not None, **_xf(softcap, scale), STATS_GRAD=g_stats is not None, HAS_DB=need_db,
                 DOT_FP32=_dot_fp32(h.dtype), GROUP_M=schedule.GROUP_M, **tiles.constexprs(), **tiles.launch(),
             )
             return db_part
-        return run(_tiles("dz", h, (triton.next_power_of_2(n), v1 - v0, d), run))
+        kind = "dz" if g_stats is None else "dz_stats"
+        return run(_tiles(kind, h, (triton.next_power_of_2(n), v1 - v0, d), run))
 
     return chunked_head_backward(h, w, need_h, need_w, need_b, fill)
 
 
-def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False):
-    """Per-row KL(p_ref || p_theta) [Nv] and both log-sum-exps (fp32) for compacted rows; with
-    targets y also the policy's and the reference's log-probs [Nv], and with_stats the policy's
-    stats [Nv, 3] (as logprob_forward) — all from one pass over both heads. Returns
-    (kl, lse, rlse, logp, ref_logp, stats), None where not asked for."""
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+def _jsd_logs(beta):
+    return math.log1p(-beta), math.log(beta)
+
+
+def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
+               ref_scale=None, div=0, beta=0.5):
+    """Per-row divergence [Nv] between the policy head (h, w, b, softcap, scale) and the
+    reference head (rh, rw, rb, ref_softcap, ref_scale): div 0 KL(p_ref || p), 1 KL(p || p_ref),
+    2 the generalised JSD with mixture (1 - beta) p + beta p_ref; with targets y also both heads'
+    log-probs [Nv], and with_stats the policy's stats [Nv, 4] (as logprob_forward) — all from one
+    pass over both heads (the JSD adds a second). Returns (div, lse, rlse, logp, ref_logp, stats,
+    aux), None where not asked for; aux is what the backward needs besides lse, rlse (div 1: the
+    KL, div 2: KL(p || m)), else None."""
     n, d = h.shape
     vocab = w.shape[0]
     logp_on = y is not None
@@ -166,60 +202,85 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False):
     n_blocks, v_per_split, splits = _splits(n, vocab, d, max(h.element_size(), rh.element_size()), tiles, h.device)
     part = config.empty((len(KL_PLANES), splits, n), torch.float32, h.device)
     arg = config.empty((splits, n), torch.int32, h.device) if with_stats else None
+    heads = (h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh)
+    strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1), rh.stride(0), rh.stride(1), rw.stride(0),
+               rw.stride(1))
+    flags = dict(HAS_BIAS=b is not None, HAS_REF_BIAS=rb is not None, **_xf(softcap, scale),
+                 **_xf(ref_softcap, ref_scale, ref=True), DOT_FP32=_dot_fp32(h.dtype),
+                 REF_DOT_FP32=_dot_fp32(rh.dtype))
     kl_fwd_kernel[(n_blocks * splits,)](
-        h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh,
-        y if logp_on else part, part, arg if arg is not None else part,
-        n, vocab, d, rh.shape[1], v_per_split, splits,
-        h.stride(0), h.stride(1), w.stride(0), w.stride(1),
-        rh.stride(0), rh.stride(1), rw.stride(0), rw.stride(1),
-        softcap if softcap is not None else 1.0,
-        HAS_BIAS=b is not None, HAS_REF_BIAS=rb is not None, HAS_SOFTCAP=softcap is not None,
-        LOGP=logp_on, STATS=with_stats,
-        DOT_FP32=_dot_fp32(h.dtype), REF_DOT_FP32=_dot_fp32(rh.dtype),
-        **tiles.constexprs(), **tiles.launch(),
+        *heads, y if logp_on else part, part, arg if arg is not None else part,
+        n, vocab, d, rh.shape[1], v_per_split, splits, *strides,
+        KL_DIR=div, LOGP=logp_on, STATS=with_stats, **flags, **tiles.constexprs(), **tiles.launch(),
     )
-    logp = stats = ref_logp = None
-    if logp_on:  # planes 0..5 are laid out as logprob_fwd_kernel's
-        logp, lse, stats = combine_splits(part[:6], arg, y)
+    logp = stats = ref_logp = aux = None
+    if logp_on:  # planes 0..6 are laid out as logprob_fwd_kernel's
+        logp, lse, stats = combine_splits(part[:N_PLANES], arg, y)
     else:
         lse, _, _ = _lse(part[KL_PLANES["m_z"]], part[KL_PLANES["l_z"]])
     m_z, m_r = part[KL_PLANES["m_z"]], part[KL_PLANES["m_r"]]
     rlse, rscale, rtotal = _lse(m_r, part[KL_PLANES["l_r"]])
-    ztotal = _lse(m_z, part[KL_PLANES["l_z"]])[2]
-    # each split's a is relative to its own maxes: move it to the global ones, then
-    # KL = a / l_r - log l_r + log l_z (all relative to the global maxes)
-    shift = (m_r - m_r.amax(0)) - (m_z - m_z.amax(0))
-    a = (rscale * (part[KL_PLANES["a"]] + part[KL_PLANES["l_r"]] * shift)).sum(0)
-    kl = a / rtotal - torch.log(rtotal) + torch.log(ztotal)
+    _, zscale, ztotal = _lse(m_z, part[KL_PLANES["l_z"]])
     if logp_on:
         ref_logp = part[KL_PLANES["ry"]].sum(0) - rlse
-    return kl, lse, rlse, logp, ref_logp, stats
+    if div == 2:
+        jsd, aux = _jsd_forward(heads, strides, flags, lse, rlse, n, vocab, d, rh.shape[1], beta, h.device,
+                                h.element_size(), rh.element_size())
+        return jsd, lse, rlse, logp, ref_logp, stats, aux
+    # each split's a is relative to its own maxes: move it to the global ones, then
+    # KL(ref || pol) = a / l_r - log l_r + log l_z, KL(pol || ref) = a / l_z - log l_z + log l_r
+    shift = (m_r - m_r.amax(0)) - (m_z - m_z.amax(0))
+    if div == 0:
+        a = (rscale * (part[KL_PLANES["a"]] + part[KL_PLANES["l_r"]] * shift)).sum(0)
+        kl = a / rtotal - torch.log(rtotal) + torch.log(ztotal)
+    else:
+        a = (zscale * (part[KL_PLANES["a"]] - part[KL_PLANES["l_z"]] * shift)).sum(0)
+        kl = a / ztotal - torch.log(ztotal) + torch.log(rtotal)
+        aux = kl
+    return kl, lse, rlse, logp, ref_logp, stats, aux
 
 
-def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b, y=None, g_lp=None):
-    """Gradients of sum_i g_i * KL_i (+ sum_i g_lp_i * logp_i, given targets y) w.r.t. the
-    policy's h, w, b: one recompute of both heads for the two terms."""
+def _jsd_forward(heads, strides, flags, lse, rlse, n, vocab, d, rd, beta, device, elem, ref_elem):
+    """The generalised JSD's second pass: (jsd, KL(p || m)) [Nv]."""
+    tiles = config.tiles("kl_fwd", device, heads[0].dtype)
+    n_blocks, v_per_split, splits = _splits(n, vocab, d, max(elem, ref_elem), tiles, device)
+    part = config.empty((2, splits, n), torch.float32, device)
+    jsd_fwd_kernel[(n_blocks * splits,)](
+        *heads, lse, rlse, part, n, vocab, d, rd, v_per_split, splits, *strides, beta=beta,
+        log_1mb=_jsd_logs(beta)[0], log_b=_jsd_logs(beta)[1], **flags, **tiles.constexprs(), **tiles.launch(),
+    )
+    return part[0].sum(0), part[1].sum(0)
+
+
+def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b, y=None, g_lp=None, *,
+                scale=None, ref_softcap=None, ref_scale=None, div=0, beta=0.5, aux=None, g_stats=None,
+                stats=None):
+    """Gradients of sum_i g_i * div_i (+ sum_i g_lp_i * logp_i, given targets y; + the stats'
+    upstream gradient) w.r.t. the policy's h, w, b: one recompute of both heads for all terms."""
     n, d = h.shape
     vocab = w.shape[0]
     g = g.float().contiguous()
     logp_on = g_lp is not None
     if logp_on:
         g_lp = g_lp.float().contiguous()
+    aux = g if aux is None else aux.float().contiguous()
+    gst, st = _stats_grad_args(g_stats, stats, g)
     tiles = config.tiles("kl_dz", h.device, h.dtype)
+    log_1mb, log_b = _jsd_logs(beta) if div == 2 else (0.0, 0.0)
 
     def fill(dzc, v0, v1, need_db):
         n_blocks = triton.cdiv(n, tiles.BLOCK_N)
         db_part = config.empty((n_blocks, v1 - v0), torch.float32, h.device) if need_db else None
         kl_dz_kernel[(n_blocks * triton.cdiv(v1 - v0, tiles.BLOCK_V),)](
-            h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh, lse, rlse, g,
-            y if logp_on else g, g_lp if logp_on else g, dzc, db_part if need_db else g,
+            h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh, lse, rlse, g, aux,
+            y if logp_on else g, g_lp if logp_on else g, gst, st, dzc, db_part if need_db else g,
             n, vocab, d, rh.shape[1], v0, v1 - v0,
             h.stride(0), h.stride(1), w.stride(0), w.stride(1),
             rh.stride(0), rh.stride(1), rw.stride(0), rw.stride(1), dzc.stride(0),
-            db_part.stride(0) if need_db else 0,
-            softcap if softcap is not None else 1.0,
-            HAS_BIAS=b is not None, HAS_REF_BIAS=rb is not None, HAS_SOFTCAP=softcap is not None,
-            LOGP=logp_on, HAS_DB=need_db, DOT_FP32=_dot_fp32(h.dtype), REF_DOT_FP32=_dot_fp32(rh.dtype),
+            db_part.stride(0) if need_db else 0, beta=float(beta), log_1mb=log_1mb, log_b=log_b,
+            HAS_BIAS=b is not None, HAS_REF_BIAS=rb is not None, **_xf(softcap, scale),
+            **_xf(ref_softcap, ref_scale, ref=True), DIV=div, LOGP=logp_on, STATS_GRAD=g_stats is not None,
+            HAS_DB=need_db, DOT_FP32=_dot_fp32(h.dtype), REF_DOT_FP32=_dot_fp32(rh.dtype),
             GROUP_M=schedule.GROUP_M, **tiles.constexprs(), **tiles.launch(),
         )
         return db_part

@@ -11,33 +11,55 @@ import math
 import torch
 
 
-def eager_logits(hidden, weight, bias=None, softcap=None):
+def eager_logits(hidden, weight, bias=None, softcap=None, logit_scale=None):
+    """softcap(hidden @ weight.T + bias) * logit_scale, upcast to fp32 (float64 stays)."""
     z = hidden @ weight.t()
     if bias is not None:
         z = z + bias
     z = z.float() if z.dtype != torch.float64 else z
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    if logit_scale is not None:
+        z = z * logit_scale
     return z
 
 
-def eager_logprobs(hidden, weight, targets, bias=None, ignore_index=-100, softcap=None):
-    z = eager_logits(hidden, weight, bias, softcap)
+def eager_logprobs(hidden, weight, targets, bias=None, ignore_index=-100, softcap=None, logit_scale=None):
+    z = eager_logits(hidden, weight, bias, softcap, logit_scale)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     logp = torch.log_softmax(z, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, logp, torch.zeros_like(logp))
 
 
-def eager_token_stats(hidden, weight, targets, bias=None, ignore_index=-100, softcap=None):
-    """[..., 3] = (sum of logits over V, entropy, argmax == target), 0 on ignored rows."""
-    z = eager_logits(hidden, weight, bias, softcap)
+def eager_token_stats(hidden, weight, targets, bias=None, ignore_index=-100, softcap=None, logit_scale=None):
+    """[..., 4] = (sum of logits over V, entropy, argmax == target, log sum_v p_v^2), 0 on
+    ignored rows; differentiable (the hit has no gradient)."""
+    z = eager_logits(hidden, weight, bias, softcap, logit_scale)
     valid = (targets != ignore_index).unsqueeze(-1)
     logp = torch.log_softmax(z, dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
     hit = (z.argmax(-1) == targets).to(z.dtype)
-    out = torch.stack([z.sum(-1), entropy, hit], dim=-1)
+    out = torch.stack([z.sum(-1), entropy, hit, torch.logsumexp(2 * logp, dim=-1)], dim=-1)
     return torch.where(valid, out, torch.zeros_like(out))
+
+
+def eager_divergence(hidden, weight, ref_hidden, ref_weight, targets, *, beta=0.0, bias=None, ref_bias=None,
+                     ignore_index=-100, softcap=None, ref_softcap=None, logit_scale=None, ref_logit_scale=None):
+    """Per-token divergence between the policy's p and the reference's q over the vocabulary
+    (beta 0: KL(q || p), 1: KL(p || q), between: beta KL(q || m) + (1 - beta) KL(p || m) with
+    m = (1 - beta) p + beta q), 0 on ignored rows. Written from full log-softmaxes."""
+    lp = torch.log_softmax(eager_logits(hidden, weight, bias, softcap, logit_scale), dim=-1)
+    lq = torch.log_softmax(eager_logits(ref_hidden, ref_weight, ref_bias, ref_softcap, ref_logit_scale), dim=-1)
+    p, q = lp.exp(), lq.exp()
+    if beta == 0:
+        div = (q * (lq - lp)).sum(-1)
+    elif beta == 1:
+        div = (p * (lp - lq)).sum(-1)
+    else:
+        lm = torch.log((1 - beta) * p + beta * q)
+        div = beta * (q * (lq - lm)).sum(-1) + (1 - beta) * (p * (lp - lm)).sum(-1)
+    return torch.where(targets != ignore_index, div, torch.zeros_like(div))
 
 
 def eager_kl(hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
@@ -112,7 +134,7 @@ def eager_preference_loss(hidden, weight, targets, *, loss_type, beta, bias=None
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = loss_weights or [1.0] * len(types)
     ls = label_smoothing
-    total = 0
+    total, vocab_kl = 0, None
     for t, w in zip(types, weights):
         if t == "sigmoid":
             losses = -F.logsigmoid(beta * logits_) * (1 - ls) - F.logsigmoid(-beta * logits_) * ls
@@ -165,6 +187,7 @@ def eager_preference_loss(hidden, weight, targets, *, loss_type, beta, bias=None
             sup = F.softplus(-(sc - sr))
             if expo_kl == "vocab":
                 kl_seq = ((ref_lp_tok.exp() * (ref_lp_tok - lp_tok)).sum(-1) * mask).sum(-1)
+                vocab_kl = kl_seq
             else:
                 kl_seq = ref_logps.detach() - logps
             kc, kr = kl_seq[:b], kl_seq[b:]
@@ -198,6 +221,8 @@ def eager_preference_loss(hidden, weight, targets, *, loss_type, beta, bias=None
             "entropy": (ent * m).sum() / m.sum().clamp(min=1),
             "mean_token_accuracy": (acc[:b] * mc).sum() / mc.sum().clamp(min=1),
         }
+        if vocab_kl is not None:      # EXPO's exact KL per sequence, averaged over chosen / rejected
+            metrics["kl/chosen"], metrics["kl/rejected"] = vocab_kl[:b].mean(), vocab_kl[b:].mean()
     return _reduce(total, reduction), metrics
 
 

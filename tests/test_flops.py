@@ -47,7 +47,7 @@ def test_expo_vocab_reads_each_head_once_per_pass():
     fwd = _count(lambda: out.setdefault("loss", fusedpref.preference_loss(
         h, w, y, loss_type="expo", ref_hidden=rh, ref_weight=rw, backend="torch")[0]))
     bwd = _count(lambda: out["loss"].backward())
-    # + the two row-wise dot products over V (E_ref[r - z] for the KL, E_p[z] for the entropy
-    #   metric), which FlopCounterMode counts as einsums: 2 * (2 * Nv * V)
-    assert fwd == 4 * nv * D * V + 4 * nv * V
+    # + the three row-wise dot products over V (E_ref[r - z] for the KL, E_p[z] for the entropy
+    #   metric, sum p^2 for log_sum_sq_probs), which FlopCounterMode counts as einsums: 3 * (2 * Nv * V)
+    assert fwd == 4 * nv * D * V + 6 * nv * V
     assert bwd == 8 * nv * D * V

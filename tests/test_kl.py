@@ -94,12 +94,13 @@ def test_logprobs_kl_in_one_pass_matches_oracle(backend, dtype, bias, softcap):
     o_grads = torch.autograd.grad((o[0], o[2]), [t for t in (ho, wo, bo) if t is not None],
                                   (g_lp.double(), g_kl.double()))
 
-    assert not ref_logp.requires_grad and not stats.requires_grad
+    assert not ref_logp.requires_grad and stats.shape == (3, 13, 4)
     for name, f, ee, oo in zip(["logp", "ref_logp", "kl"], (logp, ref_logp, kl), e, o):
         assert f.dtype == torch.float32 and (f[y == -100] == 0).all()
         assert_within(name, f, ee, oo, dtype)
     assert_within("logit_sum", stats[..., 0], e[3][..., 0], o[3][..., 0], dtype, atol=1e-3)
     assert_within("entropy", stats[..., 1], e[3][..., 1], o[3][..., 1], dtype)
+    assert_within("log_sum_sq_probs", stats[..., 3], e[3][..., 3], o[3][..., 3], dtype)
     for name, f, ee, oo in zip(["dH", "dW", "db"], f_grads, e_grads, o_grads):
         assert f.dtype == dtype
         assert_within(name, f, ee, oo, dtype)

@@ -62,9 +62,10 @@ def test_token_stats_match_oracle(backend, dtype, softcap):
     _, stats = fusedpref.LinearLogProbs.apply(h, w, y, b, -100, softcap, backend, True)
     oracle = eager_token_stats(*as_float64(h, w), y, b.double(), softcap=softcap)
     eager = eager_token_stats(h, w, y, b, softcap=softcap)
-    assert stats.shape == (4, 11, 3) and not stats.requires_grad
+    assert stats.shape == (4, 11, 4)
     assert_within("logit_sum", stats[..., 0], eager[..., 0], oracle[..., 0], dtype, atol=1e-3)
     assert_within("entropy", stats[..., 1], eager[..., 1], oracle[..., 1], dtype)
+    assert_within("log_sum_sq_probs", stats[..., 3], eager[..., 3], oracle[..., 3], dtype)
     assert torch.equal(stats[..., 2], oracle[..., 2].float()), "argmax hits differ"
     assert stats[0, :5, 2].sum() >= 4  # the forced hits are seen (bf16 may tie one)
 

@@ -69,19 +69,29 @@ def test_1_autocast_primitives_and_reference_head():
     assert (logp.double() - oracle).abs().max() < 1e-4     # bf16 operands, fp32 accumulation
 
 
-# 2. the statistics are detached --------------------------------------------------------------
+# 2. the statistics carry their exact gradients (none is silently dropped) ----------------------
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_2_stats_are_not_differentiable(backend):
+def test_2_stats_have_exact_gradients(backend):
+    """Every column of the statistics is differentiable with its true derivative (the argmax
+    hit's is 0), in both Functions that return them: against the float64 oracle's autograd."""
+    from fusedpref.reference import eager_token_stats
+
     x, head, y, _ = _report()
-    h = x.clone().requires_grad_()
-    _, stats = fusedpref.LinearLogProbs.apply(h, head.weight, y, None, -100, None, backend, True)
-    assert not stats.requires_grad and stats.grad_fn is None
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        stats[..., 1].sum().backward()
-    *_, stats = fusedpref.LinearLogProbsKL.apply(h, head.weight, x, head.weight, y, None, None, -100, None,
-                                                 backend, True)
-    assert not stats.requires_grad
+    g = torch.randn(*y.shape, 4, generator=torch.Generator().manual_seed(1))
+    w0 = head.weight.detach()
+    he, we = x.double().requires_grad_(), w0.double().requires_grad_()
+    want = torch.autograd.grad((eager_token_stats(he, we, y) * g.double()).sum(), (he, we))
+    for fn in ("logprobs", "logprobs_kl"):
+        h, w = x.clone().requires_grad_(), w0.clone().requires_grad_()
+        if fn == "logprobs":
+            _, stats = fusedpref.LinearLogProbs.apply(h, w, y, None, -100, None, backend, True)
+        else:
+            *_, stats = fusedpref.LinearLogProbsKL.apply(h, w, x, w0, y, None, None, -100, None, backend, True)
+        assert stats.requires_grad
+        got = torch.autograd.grad((stats * g).sum(), (h, w))
+        for name, a, b in zip(("dH", "dW"), got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=f"{fn} {name}")
 
 
 # 3. reference heads ----------------------------------------------------------------------------
