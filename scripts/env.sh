@@ -21,18 +21,19 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, triton,
 fi
 # the benchmark's comparators: Liger-Kernel and Cut Cross-Entropy (pure-Python wheels over the
 # torch + Triton above, --no-deps) and TRL with its dependencies (its chunked LM head's backward
-# imports trl.trainer.utils: transformers, accelerate, datasets, pandas), constrained to the
-# installed torch so that nothing can pull another torch build.
-if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('liger_kernel', 'cut_cross_entropy', 'trl', 'transformers', 'accelerate', 'datasets', 'pandas')))" 2>/dev/null; then
+# imports trl.trainer.utils: transformers, accelerate, datasets, pandas) and PEFT (the LoRA tests
+# of the TRL integration), constrained to the installed torch so that nothing can pull another
+# torch build.
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('liger_kernel', 'cut_cross_entropy', 'trl', 'transformers', 'accelerate', 'datasets', 'pandas', 'peft')))" 2>/dev/null; then
     echo "[fusedpref] installing the benchmark's comparators (Liger-Kernel, Cut Cross-Entropy, TRL)" >&2
     "$VENV/bin/python" -m pip install -q --no-deps liger-kernel==0.8.5 cut-cross-entropy==25.1.1 2>&1 | grep -v "^WARNING: Location" || true
     CONSTRAINT="$(mktemp)"
     "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$CONSTRAINT"
-    "$VENV/bin/python" -m pip install -q -c "$CONSTRAINT" trl==1.16.0 transformers==5.24.0 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -m pip install -q -c "$CONSTRAINT" trl==1.16.0 transformers==5.24.0 peft==0.21.2 2>&1 | grep -v "^WARNING: Location" || true
     rm -f "$CONSTRAINT"
     # a failed install is an error, not a later skip
-    "$VENV/bin/python" -c "import liger_kernel.chunked_loss, cut_cross_entropy, trl.kernels, transformers, datasets" || {
-        echo "[fusedpref] error: the benchmark's comparators (liger-kernel, cut-cross-entropy, trl) did not install" >&2
+    "$VENV/bin/python" -c "import liger_kernel.chunked_loss, cut_cross_entropy, trl.kernels, transformers, datasets, peft" || {
+        echo "[fusedpref] error: the benchmark's comparators (liger-kernel, cut-cross-entropy, trl, peft) did not install" >&2
         exit 1
     }
 fi

@@ -74,115 +74,115 @@ def _head(seed=2, n=23, d=24, v=211):
     return h, w, b, y
 
 
-@pytest.mark.parametrize("temperature,softcap,scale", [(0.7, None, 1.3), (1.0, 5.0, 1.3), (1.0, None, 1.0)])
-def test_temperature_logit_scale_softcap_match_trl(temperature, softcap, scale):
-    h0, w0, b0, y = _head()
-    g = torch.randn(y.shape[0], generator=torch.Generator().manual_seed(4))
-    results = []
-    for fn in (ChunkedLogProbFunction.apply, fp_trl.FusedLogProbHead.apply):
-        h, w, b = (t.clone().requires_grad_() for t in (h0, w0, b0))
-        out = fn(h, w, b, y, temperature, 64, softcap, scale, OUTPUTS)
-        grads = torch.autograd.grad(out[0], (h, w, b), g)
-        results.append(([o for o in out if o is not None], grads))
-    (ref_out, ref_grads), (out, grads) = results
-    for a, b in zip(out, ref_out):
-        if a.dtype == torch.bool:
-            assert torch.equal(a, b)
-        else:
-            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
-def test_what_fusedpref_does_not_compute_goes_to_trl():
-    h, w, b, y = _head()
-    assert not fp_trl.FusedLogProbHead.supports(1.0, None, ("log_probs", "log_sum_sq_probs"))
-    assert not fp_trl.FusedLogProbHead.supports(0.7, 5.0, ("log_probs",))
-    out = fp_trl.FusedLogProbHead.apply(h, w, b, y, 1.0, 64, None, 1.0, ("log_probs", "log_sum_sq_probs"))
-    ref = ChunkedLogProbFunction.apply(h, w, b, y, 1.0, 64, None, 1.0, ("log_probs", "log_sum_sq_probs"))
-    assert out[2] is not None
-    torch.testing.assert_close(out[2], ref[2])
-    out = fp_trl.FusedLogProbHead.apply(h, w, b, y, 0.7, 64, 5.0, 1.0, ("log_probs",))
-    ref = ChunkedLogProbFunction.apply(h, w, b, y, 0.7, 64, 5.0, 1.0, ("log_probs",))
-    torch.testing.assert_close(out[0], ref[0])
+def _trl_order_oracle(h, w, b, y, temperature, softcap, scale):
+    """TRL's logits softcap(s (h W^T + b)) / T in float64, and every output of its head."""
+    z = (h.double() @ w.double().t() + b.double()) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lp = (z / temperature).log_softmax(-1)
+    p = lp.exp()
+    return (lp.gather(-1, y[:, None])[:, 0], -(p * lp).sum(-1), torch.logsumexp(2 * lp, -1),
+            (z / temperature).mean(-1), (z.argmax(-1) == y))
 
 
-def test_a_gradient_into_the_entropy_raises():
-    h, w, b, y = _head()
-    h.requires_grad_()
-    logp, entropy, *_ = fp_trl.FusedLogProbHead.apply(h, w, b, y, 1.0, 64, None, 1.0, OUTPUTS)
-    (logp.sum() + entropy.detach().sum()).backward()     # the entropy as a statistic: fine
-    _, entropy, *_ = fp_trl.FusedLogProbHead.apply(h, w, b, y, 1.0, 64, None, 1.0, OUTPUTS)
-    with pytest.raises(RuntimeError, match="entropy as a statistic"):
-        entropy.sum().backward()
-
-
-def test_autocast_runs_in_the_autocast_dtype_and_reaches_fp32_weights():
-    """Under bf16 autocast both heads compute with bf16 operands; against the float64 oracle at the
-    bf16-rounded operands, fusedpref's error is within the rule of TRL's own (the same-dtype eager)."""
+@pytest.mark.parametrize("temperature,softcap,scale", [(0.7, None, 1.3), (1.0, 5.0, 1.3), (1.0, None, 1.0),
+                                                       (0.7, 5.0, 1.3), (1.6, 30.0, 0.5)])
+def test_every_output_and_both_gradients_match_trl(temperature, softcap, scale):
+    """Every output TRL's head computes, with temperature, logit scale and soft-cap in TRL's order
+    (no fallback), and the gradients of a loss on both the log-probs and the entropy: against the
+    float64 oracle, within the suite's rule of TRL's own error (TRL's head as "eager")."""
     from conftest import assert_within
-    from fusedpref.reference import eager_logprobs
 
     h0, w0, b0, y = _head()
+    gen = torch.Generator().manual_seed(4)
+    g_lp, g_h = torch.randn(y.shape[0], generator=gen), torch.randn(y.shape[0], generator=gen)
+    results = []
+    for fn in (ChunkedLogProbFunction.apply, fp_trl.FusedLogProbHead.apply, _trl_order_oracle):
+        h, w, b = (t.clone().requires_grad_() for t in (h0, w0, b0))
+        if fn is _trl_order_oracle:
+            out = fn(h, w, b, y, temperature, softcap, scale)
+        else:
+            out = fn(h, w, b, y, temperature, 64, softcap, scale, ALL_OUTPUTS)
+        grads = torch.autograd.grad((out[0], out[1]), (h, w, b), (g_lp.to(out[0].dtype), g_h.to(out[0].dtype)))
+        results.append((out, grads))
+    (trl_out, trl_grads), (out, grads), (oracle, oracle_grads) = results
+    for name, a, b in zip(ALL_OUTPUTS, out, trl_out):
+        assert a.requires_grad == b.requires_grad, name
+    for name, a, e, o in zip(ALL_OUTPUTS, out, trl_out, oracle):
+        if name == "is_top1":
+            assert torch.equal(a, e) and torch.equal(a, o), name
+        else:
+            assert_within(name, a.detach(), e.detach(), o.detach(), torch.float32)
+    for name, a, e, o in zip(("dH", "dW", "db"), grads, trl_grads, oracle_grads):
+        assert_within(name, a, e, o, torch.float32)
+
+
+def test_only_an_entropy_gradient_matches_trl():
+    """GRPO's entropy bonus alone: no gradient reaches the log-probs."""
+    h0, w0, b0, y = _head(seed=5)
     results = []
     for fn in (ChunkedLogProbFunction.apply, fp_trl.FusedLogProbHead.apply):
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = fn(h, w, None, y, 1.0, 64, None, 1.0, ("log_probs",))
-        dw, = torch.autograd.grad(out[0].sum(), (w,))
-        results.append((out[0].float(), dw))
-    (trl_out, trl_dw), (got, dw) = results
-    assert dw.dtype == torch.float32
-    wo = w0.bfloat16().double().requires_grad_()
-    oracle = eager_logprobs(h0.bfloat16().double(), wo, y)
-    oracle_dw, = torch.autograd.grad(oracle.sum(), (wo,))
-    assert_within("logp", got, trl_out, oracle, torch.bfloat16)
-    assert_within("dW", dw, trl_dw, oracle_dw, torch.bfloat16)
+        out = fn(h, w, None, y, 1.0, 64, None, 1.0, ("log_probs", "entropy"))
+        results.append(torch.autograd.grad(out[1].sum(), (h, w)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_two_dpo_trainer_steps_match_trls_own_head(unpatched, tmp_path, monkeypatch):
-    """The drop-in inside TRL's DPOTrainer (policy + reference model, two optimizer steps, fp32):
-    the same logged loss and metrics, and the same LM head afterwards."""
-    datasets = optional("datasets")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from trl import DPOConfig, DPOTrainer
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.2])
+@pytest.mark.parametrize("heads", ["plain", "temperature-scales-caps-bias"])
+def test_divergence_matches_trl(beta, heads):
+    """FusedDivergence against TRL's ChunkedDivergenceFunction: student of hidden 24, teacher of 40."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-    words = "the a cat dog sat ran on mat rug big small red blue yes no why how".split()
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                     unk_token="<unk>")
-    data = datasets.Dataset.from_dict({
-        "prompt": ["the cat sat on", "a dog ran on", "why the big", "how a small"],
-        "chosen": [" the mat", " the rug", " red dog", " blue cat"],
-        "rejected": [" a dog", " yes no", " no no", " the the"]})
-    calls = []
-    original_apply = fp_trl.FusedLogProbHead.apply
-    monkeypatch.setattr(fp_trl.FusedLogProbHead, "apply",
-                        staticmethod(lambda *a, **k: calls.append(1) or original_apply(*a, **k)))
+    hs0, ws0, bs0, _ = _head(seed=7, d=24)
+    ht, wt, bt, _ = _head(seed=8, d=40)
+    fancy = heads != "plain"
+    opts = (1.5, 1.2, 20.0, 0.8, 10.0) if fancy else (1.0, 1.0, None, 1.0, None)
+    g = torch.randn(hs0.shape[0], generator=torch.Generator().manual_seed(9))
+    results = []
+    for fn in (ChunkedDivergenceFunction.apply, fp_trl.FusedDivergence.apply):
+        hs, ws, bs = (t.clone().requires_grad_() for t in (hs0, ws0, bs0))
+        div, ent = fn(hs, ws, bs if fancy else None, ht, wt, bt if fancy else None, beta, *opts)
+        grads = torch.autograd.grad(div, (hs, ws, bs) if fancy else (hs, ws), g)
+        results.append((div.detach(), ent, grads))
+    (rd, re, rg), (d, e, gr) = results
+    assert not e.requires_grad
+    # the float64 oracle, TRL's transform mapped to fusedpref's (cap c / |s|, scale s / T)
+    from conftest import assert_within
+    from fusedpref.reference import eager_divergence, eager_token_stats
 
-    def train(patched):
-        fp_trl.patch_trl() if patched else fp_trl.unpatch_trl()
-        torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                       max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1)
-        model, ref = transformers.LlamaForCausalLM(cfg), transformers.LlamaForCausalLM(cfg)
-        args = DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                         logging_steps=1, save_strategy="no", use_cpu=True, learning_rate=1e-3, seed=0,
-                         bf16=False)   # TRL's default on the CPU is bf16 autocast: agreement only to bf16
-        trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer)
-        trainer.train()
-        return [row for row in trainer.state.log_history if "loss" in row], model.lm_head.weight.detach().clone()
+    t, s_scale, s_cap, t_scale, t_cap = opts
+    cap, scale = fp_trl._transform(s_scale, s_cap, t)
+    rcap, rscale = fp_trl._transform(t_scale, t_cap, t)
+    hs, ws, bs = (x.double().requires_grad_() for x in (hs0, ws0, bs0))
+    rows = torch.zeros(hs.shape[0], dtype=torch.long)
+    od = eager_divergence(hs, ws, ht.double(), wt.double(), rows, beta=beta, bias=bs if fancy else None,
+                          ref_bias=bt.double() if fancy else None, softcap=cap, ref_softcap=rcap, logit_scale=scale,
+                          ref_logit_scale=rscale)
+    og = torch.autograd.grad(od, (hs, ws, bs) if fancy else (hs, ws), g.double())
+    oe = eager_token_stats(hs, ws, rows, bs if fancy else None, softcap=cap, logit_scale=scale)[:, 1]
+    assert_within("divergence", d, rd, od.detach(), torch.float32)
+    assert_within("entropy", e, re, oe.detach(), torch.float32)
+    for name, a, b, o in zip(("dH", "dW", "db"), gr, rg, og):
+        assert_within(name, a, b, o, torch.float32)
 
-    ref_logs, ref_w = train(False)
-    assert not calls
-    logs, w = train(True)
-    assert len(calls) == 4          # policy and reference forward, two steps
-    assert len(logs) == len(ref_logs) == 2
-    for row, ref_row in zip(logs, ref_logs):
-        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "entropy", "logits/chosen",
-                    "mean_token_accuracy", "grad_norm"):
-            assert row[key] == pytest.approx(ref_row[key], rel=1e-5, abs=1e-6), key
-    torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-6)
+
+def test_patch_swaps_every_head_and_unpatch_restores_them(unpatched):
+    import trl.kernels.chunked_divergence as cd
+    import trl.trainer.distillation_trainer as dt
+    from trl import DPOTrainer
+
+    original_loss = DPOTrainer.__dict__["_compute_loss"]
+    fp_trl.patch_trl()
+    fp_trl.patch_trl()                        # idempotent
+    assert trl_utils._ChunkedLogProbFunction is fp_trl.FusedLogProbHead
+    assert cd.ChunkedDivergenceFunction is dt.ChunkedDivergenceFunction is fp_trl.FusedDivergence
+    assert DPOTrainer.__dict__["_compute_loss"] is not original_loss and fp_trl.is_patched()
+    fp_trl.unpatch_trl()
+    assert trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
+    assert cd.ChunkedDivergenceFunction is dt.ChunkedDivergenceFunction is not fp_trl.FusedDivergence
+    assert DPOTrainer.__dict__["_compute_loss"] is original_loss and not fp_trl.is_patched()

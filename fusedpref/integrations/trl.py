@@ -1,109 +1,293 @@
-"""fusedpref under TRL's own fused LM head.
-
-TRL (>= 1.16) patches a causal LM with `trl.trainer.utils.add_fused_lm_head`; its forward with
-`fused_lm_head=True` calls `trl.trainer.utils._ChunkedLogProbFunction.apply(hidden [N, H],
-weight [V, H], bias, targets [N], temperature, chunk_size, final_logit_softcapping,
-logit_scale, outputs)` and reads back `(log_probs, entropy, log_sum_sq_probs, mean_logits,
-is_top1)`. `patch_trl()` swaps that one name for `FusedLogProbHead`, which computes the same
-fields with fusedpref's kernels (`LinearLogProbs` with its online statistics), so DPOTrainer,
-KTOTrainer, SFTTrainer and the others run on fusedpref unchanged:
+"""fusedpref under TRL (>= 1.16): its fused heads replaced, and EXPO in DPOTrainer.
 
     import fusedpref.integrations.trl as fp_trl
     fp_trl.patch_trl()          # before or after the trainer is built; unpatch_trl() undoes it
 
-What fusedpref does not compute is handed to TRL's own function, unchanged: the
-`log_sum_sq_probs` output (WPO weights), and a temperature other than 1 together with a logit
-soft-cap (fusedpref applies the cap last). The entropy output is a statistic here, not a
-differentiable function: a gradient reaching it raises instead of being dropped.
+After `patch_trl()`:
+
+- TRL's per-token head (`trl.kernels.ChunkedLogProbFunction`, which `add_fused_lm_head` calls
+  for DPOTrainer, KTOTrainer, SFTTrainer, GRPOTrainer, RLOOTrainer, ...) is `FusedLogProbHead`:
+  the same `apply` signature and outputs (log_probs, entropy, log_sum_sq_probs, mean_logits,
+  is_top1), computed by `LinearLogProbs` with its statistics. The entropy is differentiable (an
+  entropy bonus's gradient -p (log p + H) comes from the same backward recompute); as in TRL,
+  log_sum_sq_probs, mean_logits and is_top1 are not. Nothing falls back to TRL.
+- TRL's divergence (`trl.kernels.chunked_divergence.ChunkedDivergenceFunction`, used by
+  DistillationTrainer) is `FusedDivergence`, computed by `LinearDivergence`: beta 0 forward KL,
+  1 reverse KL, between the generalised JSD; temperature, per-model logit scale and soft-cap;
+  the student's entropy as a statistic.
+- `DPOConfig(loss_type="expo", beta=lambda)` (also in a list with `loss_weights`) trains EXPO
+  (fusedpref.preference_loss) with the exact vocabulary KL(pi_ref || pi_theta): the policy's and
+  the reference's last hidden states go through `LinearLogProbsKL` (one pass over both heads).
+  The reference is `ref_model`, or the policy with its adapters disabled under PEFT (as TRL
+  does). With `precompute_ref_log_probs=True` there are no reference hidden states: the KL is
+  the sequence estimator (said once in the log). TRL's metric names are logged, plus kl/chosen
+  and kl/rejected.
+
+TRL's logits are softcap(s (h W^T + b)) / T for a logit scale s, a soft-cap c and a temperature
+T; fusedpref's are softcap'(h W^T + b) * scale, so the cap is c / |s| and the scale s / T.
+
+Distributed weights: TRL gathers an FSDP2 DTensor head with `full_tensor()` before calling a
+head, and so do these (a DTensor reaching them is gathered once). Under DeepSpeed ZeRO-3 TRL
+gathers the partitioned head with `maybe_gather_lm_head_ctx`; `patch_trl()` registers it with
+fusedpref.functions.set_weight_gather, so fusedpref's backward recompute gathers too, and
+`FusedDivergence` gathers in its forward as TRL's function does.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import logging
+import re
+
 import torch
 
-from ..functions import LinearLogProbs
+from .. import functions
+from ..api import preference_loss
+from ..functions import LinearDivergence, LinearLogProbs
 
-_ORIGINAL = None
+logger = logging.getLogger("fusedpref.integrations.trl")
+
+_PATCHES: list = []          # (object, attribute, original) in the order they were applied
+_CAPTURE = None              # a list while the EXPO path collects the heads' inputs (see _capturing)
 
 
-class _NoGradient(torch.autograd.Function):
-    """Identity on a statistic that fusedpref does not differentiate; backward raises."""
+def _full(t):
+    """A DTensor gathered once (FSDP2), anything else unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-    @staticmethod
-    def forward(ctx, value, anchor):
-        return value.clone()
 
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError("fusedpref's TRL head returns the entropy as a statistic without a gradient; "
-                           "a loss that differentiates the entropy needs TRL's own head "
-                           "(fusedpref.integrations.trl.unpatch_trl())")
+def _transform(logit_scale, softcap, temperature, what="logit_scale"):
+    """TRL's (logit_scale s, soft-cap c, temperature T) -> fusedpref's (cap c / |s|, scale s / T)."""
+    s = 1.0 if logit_scale is None else float(logit_scale)
+    if s == 0:
+        raise ValueError(f"{what}=0 makes every logit 0 (a uniform distribution); fusedpref's heads need a "
+                         "nonzero logit scale")
+    if temperature is None or not temperature > 0:
+        raise ValueError(f"temperature must be a positive float, got {temperature}")
+    cap = None if softcap is None else float(softcap) / abs(s)
+    scale = s / float(temperature)
+    return cap, (None if scale == 1.0 else scale)
 
 
 class FusedLogProbHead:
     """Drop-in for `trl.kernels.ChunkedLogProbFunction` (same `apply` signature and outputs)."""
 
     @staticmethod
-    def supports(temperature, final_logit_softcapping, outputs) -> bool:
-        return "log_sum_sq_probs" not in outputs and (final_logit_softcapping is None or temperature == 1.0)
-
-    @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
               logit_scale=1.0, outputs=("log_probs",)):
-        if not FusedLogProbHead.supports(temperature, final_logit_softcapping, outputs):
-            return _original().apply(hidden, weight, bias, targets, temperature, chunk_size,
-                                     final_logit_softcapping, logit_scale, outputs)
-        # TRL's logits: softcap((hidden @ weight.T + bias) * logit_scale) / temperature. Without a
-        # cap that is a linear head scaled by logit_scale / temperature (with one, temperature is 1)
-        scale = logit_scale / temperature if final_logit_softcapping is None else logit_scale
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        with torch.autocast(device_type, enabled=False):
-            h, w = hidden.to(dtype), weight.to(dtype)          # fusedpref's kernels take one dtype
-            b = None if bias is None else bias.to(dtype)
-            if scale != 1.0:
-                h = h * scale
-                b = None if b is None else b * scale
-            want_stats = any(k in outputs for k in ("entropy", "mean_logits", "is_top1"))
-            logp, stats = LinearLogProbs.apply(h, w, targets, b, -100, final_logit_softcapping, "auto",
-                                               want_stats)
-        entropy = mean_logits = is_top1 = None
-        if "entropy" in outputs:
-            entropy = _NoGradient.apply(stats[:, 1], logp) if logp.requires_grad else stats[:, 1]
-        if "mean_logits" in outputs:
-            mean_logits = stats[:, 0] / weight.shape[0]
-        if "is_top1" in outputs:
-            is_top1 = stats[:, 2] > 0.5
-        return logp, entropy, None, mean_logits, is_top1
+        weight, bias = _full(weight), None if bias is None else _full(bias)
+        if _CAPTURE is not None:       # the EXPO path only wants the head's inputs
+            _CAPTURE.append(dict(hidden=hidden, weight=weight, bias=bias, targets=targets, temperature=temperature,
+                                 softcap=final_logit_softcapping, logit_scale=logit_scale))
+            n = hidden.shape[0]
+            zeros = hidden.new_zeros(n, dtype=torch.float32)
+            return (zeros, zeros if "entropy" in outputs else None, zeros if "log_sum_sq_probs" in outputs else None,
+                    zeros if "mean_logits" in outputs else None,
+                    torch.zeros(n, dtype=torch.bool, device=hidden.device) if "is_top1" in outputs else None)
+        cap, scale = _transform(logit_scale, final_logit_softcapping, temperature)
+        want_stats = any(k in outputs for k in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+        logp, stats = LinearLogProbs.apply(hidden, weight, targets, bias, -100, cap, "auto", want_stats, scale)
+        entropy = stats[:, 1] if "entropy" in outputs else None
+        # as TRL's: only the log-probs and the entropy carry gradients
+        log_sum_sq = stats[:, 3].detach() if "log_sum_sq_probs" in outputs else None
+        mean_logits = stats[:, 0].detach() / weight.shape[0] if "mean_logits" in outputs else None
+        is_top1 = stats[:, 2].detach() > 0.5 if "is_top1" in outputs else None
+        return logp, entropy, log_sum_sq, mean_logits, is_top1
 
 
-def _utils():
+class FusedDivergence:
+    """Drop-in for `trl.kernels.chunked_divergence.ChunkedDivergenceFunction`: per-token divergence
+    between the student (gradient) and the teacher, and the student's entropy (a statistic)."""
+
+    @staticmethod
+    def apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, beta,
+              temperature=1.0, student_logit_scale=1.0, student_final_logit_softcapping=None,
+              teacher_logit_scale=1.0, teacher_final_logit_softcapping=None):
+        sw, sb = _full(student_weight), None if student_bias is None else _full(student_bias)
+        tw, tb = _full(teacher_weight), None if teacher_bias is None else _full(teacher_bias)
+        cap, scale = _transform(student_logit_scale, student_final_logit_softcapping, temperature,
+                                "student_logit_scale")
+        ref_cap, ref_scale = _transform(teacher_logit_scale, teacher_final_logit_softcapping, temperature,
+                                        "teacher_logit_scale")
+        rows = torch.zeros(student_hidden.shape[0], dtype=torch.long, device=student_hidden.device)
+        with functions._gathered(sw, sb, tw, tb):
+            div, stats = LinearDivergence.apply(student_hidden, sw, teacher_hidden, tw, rows, sb, tb, -100, "auto",
+                                                float(beta), cap, ref_cap, scale, ref_scale, True)
+        return div, stats[:, 1].detach()
+
+
+# ---------------------------------------------------------------- EXPO in DPOTrainer
+
+@contextlib.contextmanager
+def _capturing():
+    """Within it, FusedLogProbHead records its inputs instead of computing (returns zeros)."""
+    global _CAPTURE
+    previous, _CAPTURE = _CAPTURE, []
     try:
+        yield _CAPTURE
+    finally:
+        _CAPTURE = previous
+
+
+def _head_inputs(model, model_kwargs, labels):
+    """The hidden states [2B, T-1, D] of the head, its weight, bias and transform, from one forward
+    of a model patched by TRL's add_fused_lm_head (its backbone and head as TRL calls them)."""
+    with _capturing() as calls:
+        model(**model_kwargs, labels=labels, fused_lm_head=True)
+    if len(calls) != 1:
+        raise RuntimeError(f"expected one call of TRL's fused LM head in the model's forward, saw {len(calls)}")
+    call = calls[0]
+    mask = labels[:, 1:] != -100
+    h = call["hidden"]
+    if h.shape[0] == mask.numel():           # every position scored (TRL without Triton)
+        full = h.reshape(*mask.shape, h.shape[-1])
+    elif h.shape[0] == int(mask.sum()):      # only the valid ones (TRL on Triton devices)
+        full = h.new_zeros(*mask.shape, h.shape[-1]).masked_scatter(mask.unsqueeze(-1), h)
+    else:
+        raise NotImplementedError("fusedpref's EXPO path needs the head's rows to match the labels (prompt-learning "
+                                  "PEFT adapters that prepend virtual tokens are not supported)")
+    return full, call
+
+
+def _expo_compute_loss(self, model, inputs, return_outputs):
+    """DPOTrainer._compute_loss for a loss list holding "expo", through fusedpref.preference_loss."""
+    from accelerate.utils import is_peft_model
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+
+    unsupported = {"f_divergence_type": (self.f_divergence_type, "reverse_kl"), "ld_alpha": (self.ld_alpha, None),
+                   "use_weighting": (self.use_weighting, False), "aux_loss_enabled": (self.aux_loss_enabled, False)}
+    for name, (value, default) in unsupported.items():
+        if value != default:
+            raise NotImplementedError(f"loss_type 'expo' through fusedpref supports {name}={default!r} only, got "
+                                      f"{value!r}")
+    if is_deepspeed_zero3_enabled():
+        raise NotImplementedError("loss_type 'expo' through fusedpref does not run under DeepSpeed ZeRO-3 yet (its "
+                                  "loss is computed outside the model's forward); use FSDP2 or ZeRO-2")
+    if return_outputs:
+        raise NotImplementedError("loss_type 'expo' through fusedpref does not return logits (return_outputs=True)")
+    mode = "train" if self.model.training else "eval"
+    completion_mask = inputs["completion_mask"]
+    model_kwargs = {k: v for k, v in inputs.items()
+                    if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}
+    model_kwargs["use_cache"] = False
+    labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+    targets = labels[:, 1:]
+
+    ref = {}
+    if self.precompute_ref_logps:
+        if not getattr(self, "_fusedpref_said_sequence", False):
+            logger.warning("fusedpref: loss_type 'expo' with precompute_ref_log_probs=True has no reference hidden "
+                           "states, so EXPO uses the sequence estimator of the KL (expo_kl='sequence') instead of the "
+                           "exact vocabulary KL")
+            self._fusedpref_said_sequence = True
+        ref = dict(ref_logps=torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]),
+                   expo_kl="sequence")
+    else:
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if is_peft_model(self.model) and self.ref_model is None:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    ref_hidden, ref_call = _head_inputs(self.model, model_kwargs, labels)
+            else:
+                ref_hidden, ref_call = _head_inputs(self.ref_model, model_kwargs, labels)
+        ref = dict(ref_hidden=ref_hidden.detach(), ref_weight=ref_call["weight"].detach(),
+                   ref_bias=None if ref_call["bias"] is None else ref_call["bias"].detach())
+    hidden, call = _head_inputs(model, model_kwargs, labels)
+    cap, scale = _transform(call["logit_scale"], call["softcap"], call["temperature"])
+    if scale is not None:
+        raise NotImplementedError("loss_type 'expo' through fusedpref supports models without a logit scale "
+                                  f"(got logit_scale {call['logit_scale']}, temperature {call['temperature']})")
+    extra = {}
+    if self.label_smoothing:
+        extra["label_smoothing"] = self.label_smoothing
+    if "discopop" in self.loss_types:
+        extra["discopop_tau"] = self.args.discopop_tau
+    loss, metrics = preference_loss(hidden, call["weight"], targets, loss_type=list(self.loss_types),
+                                    loss_weights=list(self.loss_weights), beta=self.beta, bias=call["bias"],
+                                    softcap=cap, **ref, **extra)
+    gather = self.accelerator.gather_for_metrics
+    for key, value in metrics.items():
+        self._metrics[mode][key].append(gather(value.detach().reshape(1)).float().mean().item())
+    if mode == "train":
+        tokens = gather(inputs["attention_mask"].sum().reshape(1)).sum().item()
+        self._total_train_tokens += tokens // self._tp_size
+    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+    return loss
+
+
+def _wrap_compute_loss(original):
+    @functools.wraps(original)
+    def _compute_loss(self, model, inputs, return_outputs):
+        if "expo" in self.loss_types or "typo" in self.loss_types:
+            return _expo_compute_loss(self, model, inputs, return_outputs)
+        return original(self, model, inputs, return_outputs)
+    _compute_loss._fusedpref = True
+    return _compute_loss
+
+
+def dpo_loss_types() -> list[str]:
+    """The loss types TRL's DPOTrainer accepts, read from its loss dispatch."""
+    from trl import DPOTrainer
+
+    source = inspect.getsource(_original_attr(DPOTrainer, "_compute_loss"))
+    return sorted(set(re.findall(r'loss_type == "(\w+)"', source)))
+
+
+# ---------------------------------------------------------------- patching
+
+def _targets():
+    """(object, attribute, replacement) of every patch."""
+    try:
+        import trl.kernels as kernels
+        import trl.kernels.chunked_divergence as divergence
+        import trl.kernels.chunked_logprob as logprob
+        import trl.trainer.distillation_trainer as distillation
         import trl.trainer.utils as utils
+        from trl import DPOTrainer
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("fusedpref.integrations.trl needs trl >= 1.16 (trl.trainer.utils) installed") from exc
-    if not hasattr(utils, "_ChunkedLogProbFunction"):
-        raise ImportError("this TRL has no trl.trainer.utils._ChunkedLogProbFunction (fused LM head); "
-                          "fusedpref.integrations.trl needs trl >= 1.16")
-    return utils
+        raise ImportError("fusedpref.integrations.trl needs trl >= 1.16 (pip install 'fusedpref[trl]')") from exc
+    if not hasattr(utils, "_ChunkedLogProbFunction") or not hasattr(distillation, "ChunkedDivergenceFunction"):
+        raise ImportError("this TRL has no fused LM head (trl.trainer.utils._ChunkedLogProbFunction) or "
+                          "chunked divergence; fusedpref.integrations.trl needs trl >= 1.16")
+    return [(utils, "_ChunkedLogProbFunction", FusedLogProbHead), (kernels, "ChunkedLogProbFunction", FusedLogProbHead),
+            (logprob, "ChunkedLogProbFunction", FusedLogProbHead),
+            (divergence, "ChunkedDivergenceFunction", FusedDivergence),
+            (distillation, "ChunkedDivergenceFunction", FusedDivergence),
+            (DPOTrainer, "_compute_loss", None)]
 
 
-def _original():
-    return _ORIGINAL if _ORIGINAL is not None else _utils()._ChunkedLogProbFunction
+def _original_attr(obj, name):
+    for o, n, original in _PATCHES:
+        if o is obj and n == name:
+            return original
+    return getattr(obj, name)
 
 
 def patch_trl() -> None:
-    """Route TRL's fused LM head (`add_fused_lm_head`) through fusedpref. Idempotent."""
-    global _ORIGINAL
-    utils = _utils()
-    if utils._ChunkedLogProbFunction is not FusedLogProbHead:
-        _ORIGINAL = utils._ChunkedLogProbFunction
-        utils._ChunkedLogProbFunction = FusedLogProbHead
+    """Route TRL's fused heads through fusedpref and teach DPOTrainer loss_type "expo". Idempotent."""
+    if _PATCHES:
+        return
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    for obj, name, replacement in _targets():
+        original = obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name)
+        if replacement is None:
+            replacement = _wrap_compute_loss(original)
+        _PATCHES.append((obj, name, original))
+        setattr(obj, name, replacement)
+    functions.set_weight_gather(maybe_gather_lm_head_ctx)
 
 
 def unpatch_trl() -> None:
-    """Restore TRL's own fused LM head."""
-    global _ORIGINAL
-    utils = _utils()
-    if utils._ChunkedLogProbFunction is FusedLogProbHead:
-        utils._ChunkedLogProbFunction = _ORIGINAL
-    _ORIGINAL = None
+    """Restore TRL's own heads and loss dispatch."""
+    while _PATCHES:
+        obj, name, original = _PATCHES.pop()
+        setattr(obj, name, original)
+    functions.set_weight_gather(None)
+
+
+def is_patched() -> bool:
+    return bool(_PATCHES)
