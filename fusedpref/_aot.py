@@ -26,7 +26,7 @@ def _specs(arch: int, dtype: torch.dtype):
 
     t = _TT[dtype]
     cfg = {k: config.TILES[(k, arch, dtype)]
-           for k in ("fwd", "fwd_stats", "dz", "dz_stats", "mm", "kl_fwd", "kl_fwd_stats", "kl_dz")}
+           for k in ("fwd", "fwd_stats", "dz", "dz_stats", "mm", "kl_fwd", "kl_fwd_stats", "kl_dz", "logits", "probs")}
     mt = cfg["mm"]
     head = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": "*i64"}
     strides = {"stride_hn": "i32", "stride_hd": "constexpr", "stride_wv": "i32", "stride_wd": "constexpr"}
@@ -50,9 +50,31 @@ def _specs(arch: int, dtype: torch.dtype):
     sig = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_am": "i32", "stride_ak": "constexpr", "stride_bk": "i32", "stride_bn": "constexpr",
            "stride_cm": "i32", "stride_cn": "constexpr"}
-    const = {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1, "BLOCK_M": mt.BLOCK_N, "BLOCK_N": mt.BLOCK_V,
-             "BLOCK_K": mt.BLOCK_D, "GROUP_M": schedule.GROUP_M, "DOT_FP32": False}
-    yield ("mm_acc", kernels.mm_acc_kernel, sig, const, mt.launch())
+    sig = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": "*fp32", "s_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_am": "i32", "stride_ak": "constexpr", "stride_bk": "i32", "stride_bn": "constexpr",
+           "stride_cm": "i32", "stride_cn": "constexpr"}
+    for scaled in (False, True):   # dH += dz W; the frozen forward's acc = s acc + P W
+        const = {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1, "BLOCK_M": mt.BLOCK_N, "BLOCK_N": mt.BLOCK_V,
+                 "BLOCK_K": mt.BLOCK_D, "GROUP_M": schedule.GROUP_M, "DOT_FP32": False, "ROW_SCALE": scaled}
+        yield (f"mm_acc{'_scaled' if scaled else ''}", kernels.mm_acc_kernel, sig, const, mt.launch())
+    # the frozen-head forward (kernels/frozen.py): chunk logits, then the chunk's probabilities
+    dzt = cfg["logits"]
+    sig = {**head, "z_ptr": "*fp32", "tmax_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "v_lo": "i32",
+           "n_cols": "i32", **strides, "stride_zn": "i32", **xf}
+    sig.pop("y_ptr")
+    yield ("chunk_logits", kernels.chunk_logits_kernel, sig,
+           {**unit, **flags, "GROUP_M": schedule.GROUP_M, **dzt.constexprs()}, dzt.launch())
+    probs = {"softcap": "fp32", "scale": "fp32"}
+    pt = cfg["probs"]
+    pc = {"HAS_SOFTCAP": True, "HAS_SCALE": True, "STATS": True, "BLOCK_N": pt.BLOCK_N, "BLOCK_V": pt.BLOCK_V}
+    sig = {"z_ptr": "*fp32", "y_ptr": "*i64", "m_ptr": "*fp32", "p_ptr": f"*{t}", "part_ptr": "*fp32",
+           "arg_ptr": "*i32", "N": "i32", "v_lo": "i32", "n_cols": "i32", "n_tiles": "i32", "stride_zn": "i32",
+           "stride_pn": "i32", **probs}
+    yield ("chunk_probs_stats", kernels.chunk_probs_kernel, sig, pc, {"num_warps": pt.num_warps})
+    sig = {"z_ptr": "*fp32", "r_ptr": "*fp32", "y_ptr": "*i64", "mz_ptr": "*fp32", "mr_ptr": "*fp32",
+           "p_ptr": f"*{t}", "q_ptr": f"*{t}", "part_ptr": "*fp32", "arg_ptr": "*i32", "N": "i32", "v_lo": "i32",
+           "n_cols": "i32", "n_tiles": "i32", "stride_zn": "i32", "stride_pn": "i32", **probs}
+    yield ("chunk_kl_probs_stats", kernels.chunk_kl_probs_kernel, sig, pc, {"num_warps": pt.num_warps})
     ref = {"rh_ptr": f"*{t}", "rw_ptr": f"*{t}", "rb_ptr": f"*{t}"}
     rstrides = {"stride_rhn": "i32", "stride_rhd": "constexpr", "stride_rwv": "i32", "stride_rwd": "constexpr"}
     kl_flags = {**flags, "HAS_REF_BIAS": True, "HAS_REF_SOFTCAP": True, "HAS_REF_SCALE": True,
@@ -123,7 +145,7 @@ def compile_one(job):
         const = {k: (False if k in _OFF else v) for k, v in const.items()}
         aligned = {k for k, ty in sig.items() if ty == "i32" and k != "n_splits"}
     else:
-        aligned = {"D", "RD", "v_per_split", "v_lo"} | ({"N"} if name == "mm_acc" else set())
+        aligned = {"D", "RD", "v_per_split", "v_lo"} | ({"N"} if name.startswith("mm_acc") else set())
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, ty in sig.items()
              if ty.startswith("*") or (ty != "constexpr" and (k.startswith("stride_") or k in aligned))}
     src = ASTSource(fn, sig, const, attrs)

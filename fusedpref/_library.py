@@ -117,6 +117,39 @@ def _(hidden, weight, targets, bias, ignore_index, softcap, scale, backend, with
             hidden.new_empty((n, N_STATS) if with_stats else (0,), dtype=dt))
 
 
+@torch.library.custom_op("fusedpref::logprob_fwd_frozen", mutates_args=())
+@_no_autocast
+def logprob_fwd_frozen(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], ignore_index: int,
+                       softcap: Optional[float], scale: Optional[float], backend: str,
+                       with_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The frozen-head forward: (logp [n], lse [n], stats [n, 4] or [0], d [n, D]) with
+    dlogp_i / dh_i = d_i (0 on ignored rows), from one sweep over the vocabulary."""
+    n = targets.shape[0]
+    dt = chunked.acc_dtype(hidden.dtype)
+    logp, lse = hidden.new_zeros(n, dtype=dt), hidden.new_zeros(n, dtype=dt)
+    stats = hidden.new_zeros((n, N_STATS) if with_stats else (0,), dtype=dt)
+    direction = hidden.new_zeros((n, hidden.shape[1]), dtype=dt)
+    idx, y = _valid_rows(targets, ignore_index, weight.shape[0])
+    if idx.numel():
+        lp, ls, st, d = _impl(backend).logprob_forward_frozen(hidden.index_select(0, idx), weight, bias, y, softcap,
+                                                              with_stats, scale=scale)
+        logp.index_copy_(0, idx, lp.to(dt))
+        lse.index_copy_(0, idx, ls.to(dt))
+        direction.index_copy_(0, idx, d.to(dt))
+        if with_stats:
+            stats.index_copy_(0, idx, st.to(dt))
+    return logp, lse, stats, direction
+
+
+@logprob_fwd_frozen.register_fake
+def _(hidden, weight, targets, bias, ignore_index, softcap, scale, backend, with_stats):
+    n = targets.shape[0]
+    dt = chunked.acc_dtype(hidden.dtype)
+    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
+            hidden.new_empty((n, N_STATS) if with_stats else (0,), dtype=dt),
+            hidden.new_empty((n, hidden.shape[1]), dtype=dt))
+
+
 @torch.library.custom_op("fusedpref::logprob_bwd", mutates_args=())
 @_no_autocast
 def logprob_bwd(grad: Tensor, grad_stats: Optional[Tensor], hidden: Tensor, weight: Tensor, targets: Tensor,
@@ -179,6 +212,44 @@ def _(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_in
     return (*e, hidden.new_empty((n, N_STATS) if with_stats else (0,), dtype=dt))
 
 
+@torch.library.custom_op("fusedpref::kl_fwd_frozen", mutates_args=())
+@_no_autocast
+def kl_fwd_frozen(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor,
+                  bias: Optional[Tensor], ref_bias: Optional[Tensor], ignore_index: int, softcap: Optional[float],
+                  scale: Optional[float], ref_softcap: Optional[float], ref_scale: Optional[float], backend: str,
+                  with_logp: bool, with_stats: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """KL(ref || policy) with a frozen policy head, one sweep: (kl, lse, rlse [n]; logp, ref_logp [n]
+    or [0]; stats [n, 4] or [0]; d_lp [n, D] or [0] (dlogp/dh); d_kl [n, D] (dKL/dh))."""
+    n, width = targets.shape[0], hidden.shape[1]
+    dt = chunked.acc_dtype(hidden.dtype)
+    kl, lse, rlse = (hidden.new_zeros(n, dtype=dt) for _ in range(3))
+    logp, ref_logp = (hidden.new_zeros(n if with_logp else 0, dtype=dt) for _ in range(2))
+    stats = hidden.new_zeros((n, N_STATS) if with_stats else (0,), dtype=dt)
+    d_lp = hidden.new_zeros((n, width) if with_logp else (0,), dtype=dt)
+    d_kl = hidden.new_zeros((n, width), dtype=dt)
+    idx, y = _valid_rows(targets, ignore_index, weight.shape[0])
+    if idx.numel():
+        got = _impl(backend).kl_forward_frozen(hidden.index_select(0, idx), weight, bias,
+                                               ref_hidden.index_select(0, idx), ref_weight, ref_bias, softcap,
+                                               y=y if with_logp else None, with_stats=with_stats, scale=scale,
+                                               ref_softcap=ref_softcap, ref_scale=ref_scale)
+        for out, v in zip((kl, lse, rlse, logp, ref_logp, stats, d_lp, d_kl), got):
+            if v is not None:
+                out.index_copy_(0, idx, v.to(dt))
+    return kl, lse, rlse, logp, ref_logp, stats, d_lp, d_kl
+
+
+@kl_fwd_frozen.register_fake
+def _(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap, scale, ref_softcap,
+      ref_scale, backend, with_logp, with_stats):
+    n, width = targets.shape[0], hidden.shape[1]
+    dt = chunked.acc_dtype(hidden.dtype)
+    e = [hidden.new_empty(k, dtype=dt) for k in (n, n, n, n if with_logp else 0, n if with_logp else 0)]
+    return (*e, hidden.new_empty((n, 4) if with_stats else (0,), dtype=dt),
+            hidden.new_empty((n, width) if with_logp else (0,), dtype=dt), hidden.new_empty((n, width), dtype=dt))
+
+
 @torch.library.custom_op("fusedpref::kl_bwd", mutates_args=())
 @_no_autocast
 def kl_bwd(grad_div: Tensor, grad_logp: Optional[Tensor], grad_stats: Optional[Tensor], hidden: Tensor,
@@ -222,7 +293,7 @@ def _register_flop_counting():
 
     # FlopCounterMode pushes a private TorchDispatchMode (torch >= 2.5); older ones are the mode
     mode = getattr(flop_counter, "_FlopCounterMode", flop_counter.FlopCounterMode)
-    for op in (logprob_fwd, logprob_bwd, kl_fwd, kl_bwd):
+    for op in (logprob_fwd, logprob_fwd_frozen, logprob_bwd, kl_fwd, kl_fwd_frozen, kl_bwd):
         _IMPLS[op._opoverload] = op._init_fn
         op.register_torch_dispatch(mode, _count_inside)
 

@@ -129,6 +129,31 @@ def logprob_forward(h, w, b, y, softcap, with_stats: bool, scale=None):
     return pol.logp(), pol.lse(), pol.stats()
 
 
+def frozen_direction(w, y, zy, acc, total, softcap, scale):
+    """d = k(z_y) W[y] - acc / total [n, D] in acc's dtype: the frozen head's dlogp / dh, from the
+    softmax-weighted sum acc = sum_v exp(z_v - m) k(z_v) W[v] and total = sum_v exp(z_v - m)."""
+    wy = w.index_select(0, y).to(acc.dtype)
+    k = _chain(zy, softcap, scale)
+    return (wy if k is None else wy * (k[:, None] if torch.is_tensor(k) else k)) - acc / total[:, None]
+
+
+def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
+    """As fusedpref.ops.logprob_forward_frozen: (logp, lse, stats, d [Nv, D]) from one sweep: per
+    chunk the logits (2 n D C FLOPs), then acc = alpha acc + (p k) @ W_chunk (2 n D C)."""
+    n, dd = h.shape
+    hf = h.to(acc_dtype(h.dtype))
+    pol = _OnlinePass(n, h.device, y, with_stats, hf.dtype)
+    acc = torch.zeros((n, dd), dtype=hf.dtype, device=h.device)
+    for v0, v1 in vocab_chunks(w.shape[0], _cols(n, w.shape[0], h.dtype, cuda=h.is_cuda)):
+        z = chunk_logits(hf, w, b, softcap, v0, v1, scale)
+        chain = _chain(z, softcap, scale)               # before add: with stats it overwrites z
+        alpha, p = pol.add(z, v0, v1)
+        if chain is not None:
+            p = p.mul_(chain)
+        acc = torch.addmm(acc.mul_(alpha[:, None]), p, w[v0:v1].to(hf.dtype))   # (FlopCounterMode counts addmm)
+    return pol.logp(), pol.lse(), pol.stats(), frozen_direction(w, y, pol.zy, acc, pol.l, softcap, scale)
+
+
 def head_backward(h, w, need_h, need_w, need_b, chunk_dz):
     """chunk_dz(hf, v0, v1) -> dz [Nv, v1 - v0] in the compute dtype; accumulates dH, dW, db in it."""
     n, d = h.shape
@@ -180,8 +205,16 @@ def _log_mixture(logp, logq, beta):
     return torch.logaddexp(logp + math.log1p(-beta), logq + math.log(beta))
 
 
+def kl_forward_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
+                      ref_scale=None):
+    """As fusedpref.ops.kl_forward_frozen: KL(p_ref || p) and the directions of dH (d_lp, d_kl)
+    accumulated in the same sweep: (kl, lse, rlse, logp, ref_logp, stats, d_lp, d_kl)."""
+    return kl_forward(h, w, b, rh, rw, rb, softcap, y, with_stats, scale=scale, ref_softcap=ref_softcap,
+                      ref_scale=ref_scale, frozen=True)
+
+
 def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
-               ref_scale=None, div=0, beta=0.5):
+               ref_scale=None, div=0, beta=0.5, frozen=False):
     """As fusedpref.ops.kl_forward: (div, lse, rlse, logp, ref_logp, stats, aux).
 
     The KL is E[(r - m_r) - (z - m_z)] - log l_r + log l_z (or the reverse), with the
@@ -195,6 +228,9 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=
     ref = _OnlinePass(n, h.device, y, dtype=hf.dtype)
     a = torch.zeros(n, device=h.device, dtype=hf.dtype)
     cols = _cols(n, w.shape[0], h.dtype, parts=2, cuda=h.is_cuda)    # two heads' chunks live at once
+    if frozen:   # the softmax-weighted sums of the policy's W rows under p and p_ref (div 0 only)
+        acc_p = torch.zeros(h.shape, device=h.device, dtype=hf.dtype)
+        acc_q = torch.zeros_like(acc_p)
 
     def both(v0, v1):
         return (chunk_logits(hf, w, b, softcap, v0, v1, scale),
@@ -206,6 +242,7 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=
             ref.add(r, v0, v1)
             pol.add(z, v0, v1)
             continue
+        chain = _chain(z, softcap, scale) if frozen else None    # before pol.add overwrites z
         # KL(first || second) relative to both running maxes; move a to the new maxes (nothing
         # to move before the first chunk), then add this chunk
         first, x, second, u = (ref, r, pol, z) if div == 0 else (pol, z, ref, r)
@@ -217,6 +254,10 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=
         alpha, p1 = (alpha_r, p_r) if div == 0 else (alpha_z, p_z)
         shift = torch.where(l1_old > 0, (m1_old - m1_new) - (m2_old - m2_new), 0.0)
         a = alpha * (a + l1_old * shift) + torch.einsum("ij,ij->i", p1, diff)
+        if frozen:
+            wc = w[v0:v1].to(hf.dtype)
+            acc_p = torch.addmm(acc_p.mul_(alpha_z[:, None]), p_z if chain is None else p_z * chain, wc)
+            acc_q = torch.addmm(acc_q.mul_(alpha_r[:, None]), p_r if chain is None else p_r * chain, wc)
     lse, rlse = pol.lse(), ref.lse()
     logp_on = y is not None
     logp, ref_logp = (pol.logp(), ref.logp()) if logp_on else (None, None)
@@ -233,6 +274,10 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=
         return jsd, lse, rlse, logp, ref_logp, pol.stats(), kls
     if div == 0:
         kl = a / ref.l - torch.log(ref.l) + torch.log(pol.l)
+        if frozen:
+            d_kl = acc_p / pol.l[:, None] - acc_q / ref.l[:, None]
+            d_lp = frozen_direction(w, y, pol.zy, acc_p, pol.l, softcap, scale) if logp_on else None
+            return kl, lse, rlse, logp, ref_logp, pol.stats(), d_lp, d_kl
     else:
         kl = a / pol.l - torch.log(pol.l) + torch.log(ref.l)
     return kl, lse, rlse, logp, ref_logp, pol.stats(), (kl if div == 1 else None)

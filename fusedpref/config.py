@@ -100,6 +100,17 @@ for _dt in (_BF, _FP):
     TILES[("kl_fwd_stats", 8, _dt)] = Tiles(64, 64, 32, 8, 2)   # 64x64x32 x3 stages: 244 regs
     TILES[("kl_fwd_stats", 9, _dt)] = Tiles(64, 64, 32, 8, 3)   # 64x64x64: 248 regs under 3.6
 TILES[("kl_dz", 8, _F32)] = Tiles(64, 64, 16, 4, 2)             # 3 stages: 242 regs under 3.6
+# The frozen forward's logits tiles (kernels/frozen.py chunk_logits_kernel): the dz kernel's work
+# shape, its config except where that spilled
+for _key in [k for k in TILES if k[0] == "dz"]:
+    TILES[("logits",) + _key[1:]] = TILES[_key]
+for _dt in (_BF, _FP):
+    TILES[("logits", 8, _dt)] = Tiles(128, 64, 32, 8, 3)        # 64x128x32: 8 B stack under 3.6 (specialised)
+# The frozen forward's elementwise pass over a chunk (p, P = k p, the tile's partials; no dot):
+# its own small tiles, independent of the logits kernel's
+for _a in (8, 9):
+    for _dt in (_BF, _FP, _F32):
+        TILES[("probs", _a, _dt)] = Tiles(32, 128, 16, 8, 1)      # 4 warps: 255 regs (the KL pass)
 # In the Triton interpreter (CPU tests) small tiles, so that tests at 37 tokens x hidden 72 x
 # vocab 1009 cross several row blocks, K slices and vocabulary tiles.
 _INTERPRETER_TILES = Tiles(16, 64, 32, 4, 1)
@@ -170,7 +181,7 @@ def _arch(device: torch.device) -> int:
 
 def tiles(kernel: str, device: torch.device, dtype: torch.dtype) -> Tiles:
     """The fixed config of `kernel` ("fwd", "fwd_stats", "dz", "dz_stats", "mm", "kl_fwd",
-    "kl_fwd_stats", "kl_dz") for this device and dtype."""
+    "kl_fwd_stats", "kl_dz", "logits", "probs") for this device and dtype."""
     if interpreting():
         return _INTERPRETER_TILES
     return TILES[(kernel, _arch(device), dtype)]

@@ -30,6 +30,22 @@ def set_weight_gather(fn) -> None:
     _WEIGHT_GATHER = fn
 
 
+FROZEN_PATHS = ("one-pass", "standard")
+
+
+def frozen_path() -> str:
+    """FUSEDPREF_FROZEN: "one-pass" (default) or "standard", the path of a frozen head (hidden
+    requires grad, weight and bias do not). one-pass: the forward also accumulates dlogp/dh
+    (kernels/frozen.py) and backward is one multiply, 4 N D V FLOPs in all; standard: backward
+    recomputes the logits and does dH = dz @ W, 6 N D V (for comparison)."""
+    import os
+
+    path = os.environ.get("FUSEDPREF_FROZEN", "one-pass")
+    if path not in FROZEN_PATHS:
+        raise ValueError(f"FUSEDPREF_FROZEN must be one of {FROZEN_PATHS}, got {path!r}")
+    return path
+
+
 def _gathered(*params):
     return contextlib.nullcontext() if _WEIGHT_GATHER is None else _WEIGHT_GATHER(*params)
 
@@ -125,23 +141,34 @@ class LinearLogProbs(torch.autograd.Function):
                                                              softcap, backend)
         scale = check_scale(logit_scale)
         with_stats = bool(with_stats)
-        logp, lse, stats = _library.logprob_fwd(flat, weight, y, bias, ignore_index, softcap, scale, backend,
-                                                with_stats)
+        needs = _needs(ctx, bias)
+        ctx.frozen = needs[0] and not any(needs[1:]) and frozen_path() == "one-pass"
+        direction = None
+        if ctx.frozen:   # the LoRA case: dlogp/dh from the forward's sweep, backward one multiply
+            logp, lse, stats, direction = _library.logprob_fwd_frozen(flat, weight, y, bias, ignore_index, softcap,
+                                                                      scale, backend, with_stats)
+        else:
+            logp, lse, stats = _library.logprob_fwd(flat, weight, y, bias, ignore_index, softcap, scale, backend,
+                                                    with_stats)
         ctx.hshape, ctx.ignore_index, ctx.softcap, ctx.scale, ctx.backend = (hidden.shape, ignore_index, softcap,
                                                                             scale, backend)
-        ctx.with_stats = with_stats
-        if any(_needs(ctx, bias)):
-            ctx.save_for_backward(flat, weight, bias, y, lse, stats if with_stats else None)
+        ctx.with_stats, ctx.hdtype = with_stats, hidden.dtype
+        if any(needs):
+            ctx.save_for_backward(flat, weight, bias, y, lse, stats if with_stats else None, direction)
         return logp.view(targets.shape), _stats_view(stats, targets.shape, with_stats)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_stats):
-        flat, weight, bias, y, lse, stats = ctx.saved_tensors
+        flat, weight, bias, y, lse, stats, direction = ctx.saved_tensors
         needs = _needs(ctx, bias)
         if grad_logp is None and grad_stats is None:
             return (None,) * 9
         g = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1)
         gst = None if grad_stats is None or not ctx.with_stats else grad_stats.reshape(-1, _library.N_STATS)
+        if ctx.frozen and gst is None:     # dH = g d: no pass over the vocabulary
+            dh = (g.to(direction.dtype)[:, None] * direction).to(ctx.hdtype)
+            dh, _, _ = _policy_grads(ctx, dh, None, None, needs, (flat, weight, bias))
+            return dh, None, None, None, None, None, None, None, None
         with _gathered(weight, bias):
             dh, dw, db = _library.logprob_bwd(g, gst, flat, weight, y, bias, lse, stats, ctx.ignore_index,
                                               ctx.softcap, ctx.scale, ctx.backend, *needs)
@@ -189,26 +216,44 @@ class _Heads:
 
 
 def _kl_forward(ctx, heads: _Heads, with_logp, with_stats):
+    """(div, lse, rlse, aux, logp, ref_logp, stats); a frozen policy head with the forward KL takes
+    the one-pass path (the directions of dH saved, backward one multiply-add)."""
     ctx.set_materialize_grads(False)
     k = heads
-    out = _library.kl_fwd(k.flat, k.weight, k.rflat, k.rw, k.y, k.bias, k.rb, k.ignore_index, k.softcap, k.scale,
-                          k.ref_softcap, k.ref_scale, k.div, k.beta, k.backend, with_logp, with_stats)
+    needs = _needs(ctx, k.bias, 5)
+    ctx.frozen = needs[0] and not any(needs[1:]) and k.div == 0 and frozen_path() == "one-pass"
+    d_lp = d_kl = None
+    if ctx.frozen:
+        kl, lse, rlse, logp, ref_logp, stats, d_lp, d_kl = _library.kl_fwd_frozen(
+            k.flat, k.weight, k.rflat, k.rw, k.y, k.bias, k.rb, k.ignore_index, k.softcap, k.scale, k.ref_softcap,
+            k.ref_scale, k.backend, with_logp, with_stats)
+        out = (kl, lse, rlse, torch.zeros_like(lse), logp, ref_logp, stats)
+    else:
+        out = _library.kl_fwd(k.flat, k.weight, k.rflat, k.rw, k.y, k.bias, k.rb, k.ignore_index, k.softcap,
+                              k.scale, k.ref_softcap, k.ref_scale, k.div, k.beta, k.backend, with_logp, with_stats)
     ctx.heads_opts = (k.ignore_index, k.softcap, k.scale, k.ref_softcap, k.ref_scale, k.div, k.beta, k.backend)
-    ctx.hshape, ctx.with_stats = k.hshape, with_stats
-    if any(_needs(ctx, k.bias, 5)):
+    ctx.hshape, ctx.with_stats, ctx.hdtype = k.hshape, with_stats, k.flat.dtype
+    if any(needs):
         ctx.save_for_backward(k.flat, k.weight, k.bias, k.rflat, k.rw, k.rb, k.y, out[1], out[2], out[3],
-                              out[6] if with_stats else None)
+                              out[6] if with_stats else None, d_lp if with_logp else None, d_kl)
     return out
 
 
 def _kl_backward(ctx, grad_div, grad_logp, grad_stats=None):
-    flat, weight, bias, rflat, rw, rb, y, lse, rlse, aux, stats = ctx.saved_tensors
+    flat, weight, bias, rflat, rw, rb, y, lse, rlse, aux, stats, d_lp, d_kl = ctx.saved_tensors
     needs = _needs(ctx, bias, 5)
     if grad_div is None and grad_logp is None and grad_stats is None:
         return None, None, None
     ignore_index, softcap, scale, ref_softcap, ref_scale, div, beta, backend = ctx.heads_opts
-    g = torch.zeros_like(lse) if grad_div is None else grad_div.reshape(-1)
     gst = None if grad_stats is None or not ctx.with_stats else grad_stats.reshape(-1, _library.N_STATS)
+    if ctx.frozen and gst is None:     # dH = g_kl d_kl + g_lp d_lp: no pass over the vocabulary
+        dh = torch.zeros_like(d_kl)
+        if grad_div is not None:
+            dh += grad_div.reshape(-1, 1).to(dh.dtype) * d_kl
+        if grad_logp is not None:
+            dh += grad_logp.reshape(-1, 1).to(dh.dtype) * d_lp
+        return _policy_grads(ctx, dh.to(ctx.hdtype), None, None, needs, (flat, weight, bias))
+    g = torch.zeros_like(lse) if grad_div is None else grad_div.reshape(-1)
     with _gathered(weight, bias, rw, rb):
         dh, dw, db = _library.kl_bwd(g, None if grad_logp is None else grad_logp.reshape(-1), gst, flat, weight,
                                      rflat, rw, y, bias, rb, lse, rlse, aux, stats, ignore_index, softcap, scale,

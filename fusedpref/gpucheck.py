@@ -85,7 +85,12 @@ def smoke(dry_run=False, out=print):
                 "kl": lambda b, h, w: (fusedpref.linear_kl(h, w, rh, rw, y, backend=b),),
                 "logprobs+kl": lambda b, h, w: fusedpref.linear_logprobs_kl(h, w, rh, rw, y, backend=b)[::2],
             }
-            if shape_name == "misaligned":   # the divergence modes and the statistics' gradient
+            if shape_name == "misaligned":   # the divergence modes, the statistics' gradient, frozen heads
+                # (the statistics detached: with a gradient on them the frozen path recomputes)
+                paths["frozen"] = lambda b, h, w: [t.detach() if i else t for i, t in enumerate(
+                    fusedpref.LinearLogProbs.apply(h, w.detach(), y, None, -100, 20.0, b, True, 1 / 0.7))]
+                paths["frozen+kl"] = lambda b, h, w: fusedpref.linear_logprobs_kl(h, w.detach(), rh, rw, y,
+                                                                                  backend=b)[::2]
                 paths["jsd+stats"] = lambda b, h, w: fusedpref.LinearDivergence.apply(
                     h, w, rh, rw, y, None, None, -100, b, 0.5, None, 8.0, 1 / 0.7, None, True)
                 paths["rkl+cap"] = lambda b, h, w: (fusedpref.linear_divergence(
@@ -101,7 +106,8 @@ def smoke(dry_run=False, out=print):
                         grads = torch.autograd.grad(sum((o.float() * (g if i == 0 else g2.view(-1, *[1] * (o.dim() - 1))
                                                                       )).sum()
                                                         for i, o in enumerate(outs[:2]) if o.requires_grad),
-                                                    (hh, ww))
+                                                    (hh, ww), allow_unused=True)
+                        grads = [x for x in grads if x is not None]
                         _sync(device)
                         res[backend] = [o.detach() for o in outs] + list(grads)
                     errs = [_rel_err(a, b) for a, b in zip(res["triton"], res["torch"])]
@@ -192,6 +198,20 @@ def kernels(dry_run=False, out=print, csv_path=None):
             hh.grad = ww.grad = None
             (fusedpref.linear_logprobs(hh, ww, y, backend=backend) * g).sum().backward()
         row(f"end to end fwd+bwd backend={backend}", bench(step), 4 * fl, 4 * rows[0]["gemm_ms"])
+    # the frozen head (LoRA): the one-pass path beside the standard one (issue: <= 0.7x)
+    hf = h.clone().requires_grad_()
+    times = {}
+    for path in ("one-pass", "standard"):
+        os.environ["FUSEDPREF_FROZEN"] = path
+
+        def frozen_step():
+            hf.grad = None
+            (fusedpref.linear_logprobs(hf, w, y, backend="triton") * g).sum().backward()
+        times[path] = bench(frozen_step)
+        row(f"frozen head fwd+bwd {path}", times[path], (2 if path == "one-pass" else 3) * fl,
+            (2 if path == "one-pass" else 3) * rows[0]["gemm_ms"])
+    os.environ.pop("FUSEDPREF_FROZEN", None)
+    out(f"kernel frozen head: one-pass / standard = {times['one-pass'] / times['standard']:.2f}x")
     _, model = schedule.model(n, d, v, "bf16", "H200")
     out(f"kernel roofline (model, H200): total lower bound {model['total_bound_ms']:.1f} ms for fwd+bwd "
         f"({model['splits']} splits, chunk {model['chunk_cols']})")

@@ -12,8 +12,11 @@ import triton
 
 from . import config, schedule
 from ._chunks import vocab_chunk_cols, vocab_chunks
-from .kernels import (jsd_fwd_kernel, kl_dz_kernel, kl_fwd_kernel, logprob_dz_kernel, logprob_fwd_kernel,
-                      mm_acc_kernel)
+from .chunked import frozen_direction
+from .kernels import (chunk_kl_probs_kernel, chunk_logits_kernel, chunk_probs_kernel, jsd_fwd_kernel, kl_dz_kernel, kl_fwd_kernel,
+                      logprob_dz_kernel, logprob_fwd_kernel, mm_acc_kernel)
+from .kernels.frozen import FIELDS as FROZEN_FIELDS
+from .kernels.frozen import KL_FIELDS as FROZEN_KL_FIELDS
 from .kernels.kl import PLANES as KL_PLANES
 
 
@@ -100,17 +103,17 @@ def logprob_forward(h, w, b, y, softcap, with_stats: bool, scale=None):
     return combine_splits(part, arg, y)
 
 
-def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
-    """c (fp32) += a @ b."""
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor | None = None):
+    """c (fp32) += a @ b; with row_scale [M]: c = row_scale[:, None] * c + a @ b."""
     tiles = config.tiles("mm", a.device, a.dtype)
     m, k = a.shape
     n = b.shape[1]
     grid = (triton.cdiv(m, tiles.BLOCK_N) * triton.cdiv(n, tiles.BLOCK_V),)
     mm_acc_kernel[grid](
-        a, b, c, m, n, k,
+        a, b, c, row_scale if row_scale is not None else c, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         BLOCK_M=tiles.BLOCK_N, BLOCK_N=tiles.BLOCK_V, BLOCK_K=tiles.BLOCK_D,
-        GROUP_M=schedule.GROUP_M, DOT_FP32=_dot_fp32(a.dtype), **tiles.launch(),
+        GROUP_M=schedule.GROUP_M, DOT_FP32=_dot_fp32(a.dtype), ROW_SCALE=row_scale is not None, **tiles.launch(),
     )
 
 
@@ -141,6 +144,71 @@ def chunked_head_backward(h, w, need_h, need_w, need_b, fill_dz):
         if need_h:
             _mm_acc(dzc, w[v0:v1], dh)
     return (dh.to(h.dtype) if need_h else None), dw, db
+
+
+def _chunk_logits(h, w, b, z_buf, v0, v1, softcap, scale):
+    """z_buf[:, :v1 - v0] = the transformed logits of columns v0:v1 (fp32); returns their row max."""
+    n, d = h.shape
+    tiles = config.tiles("logits", h.device, h.dtype)
+    n_tiles = triton.cdiv(v1 - v0, tiles.BLOCK_V)
+    tmax = config.empty((n_tiles, n), torch.float32, h.device)
+    chunk_logits_kernel[(triton.cdiv(n, tiles.BLOCK_N) * n_tiles,)](
+        h, w, b if b is not None else h, z_buf, tmax, n, w.shape[0], d, v0, v1 - v0,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), z_buf.stride(0),
+        HAS_BIAS=b is not None, **_xf(softcap, scale), DOT_FP32=_dot_fp32(h.dtype), GROUP_M=schedule.GROUP_M,
+        **tiles.constexprs(), **tiles.launch(),
+    )
+    return tmax.amax(0)
+
+
+def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
+    """The frozen-head forward (kernels/frozen.py): logp, lse [Nv], stats [Nv, 4] or None as
+    logprob_forward, and the direction d [Nv, D] fp32 with dlogp_i / dh_i = d_i, from one sweep
+    over the vocabulary (2 N D V FLOPs of logits + 2 N D V of P @ W)."""
+    n, d = h.shape
+    vocab = w.shape[0]
+    tiles = config.tiles("dz", h.device, h.dtype)
+    cols = vocab_chunk_cols(n, vocab, 4, tiles.BLOCK_V, default_mb=schedule.DEFAULT_CHUNK_MB,
+                            max_cols=schedule.DEFAULT_CHUNK_COLS)
+    chunks = list(vocab_chunks(vocab, cols))
+    f = torch.float32
+    z_buf = config.empty((n, cols), f, h.device)
+    p_buf = config.empty((n, cols), h.dtype, h.device)
+    acc = torch.zeros((n, d), dtype=f, device=h.device)
+    m_run = torch.full((n,), float("-inf"), dtype=f, device=h.device)
+    # per chunk, partials relative to its running max: planes as logprob_fwd_kernel's
+    part = config.empty((N_PLANES if with_stats else 3, len(chunks), n), f, h.device)
+    arg = config.empty((len(chunks), n), torch.int32, h.device) if with_stats else None
+    pt = config.tiles("probs", h.device, h.dtype)
+    n_blocks = triton.cdiv(n, pt.BLOCK_N)
+    xf = _xf(softcap, scale)
+    for c, (v0, v1) in enumerate(chunks):
+        n_tiles = triton.cdiv(v1 - v0, pt.BLOCK_V)
+        m_new = torch.maximum(m_run, _chunk_logits(h, w, b, z_buf, v0, v1, softcap, scale))
+        tile_part = config.empty((len(FROZEN_FIELDS), n_tiles, n), f, h.device)
+        tile_arg = config.empty((n_tiles, n), torch.int32, h.device) if with_stats else None
+        chunk_probs_kernel[(n_blocks * n_tiles,)](
+            z_buf, y, m_new, p_buf, tile_part, tile_arg if with_stats else tile_part,
+            n, v0, v1 - v0, n_tiles, z_buf.stride(0), p_buf.stride(0),
+            softcap=xf["softcap"], scale=xf["scale"], HAS_SOFTCAP=xf["HAS_SOFTCAP"], HAS_SCALE=xf["HAS_SCALE"],
+            STATS=with_stats, BLOCK_N=pt.BLOCK_N, BLOCK_V=pt.BLOCK_V, num_warps=pt.num_warps,
+        )
+        # the chunk's tiles share the reference max m_new: their partials add up
+        part[0, c], part[1, c] = m_new, tile_part[FROZEN_FIELDS["l"]].sum(0)
+        part[2, c] = tile_part[FROZEN_FIELDS["zy"]].sum(0)
+        if with_stats:
+            for plane, field in ((3, "zsum"), (4, "pz"), (6, "q")):
+                part[plane, c] = tile_part[FROZEN_FIELDS[field]].sum(0)
+            amax = tile_part[FROZEN_FIELDS["amax"]]
+            best = amax.argmax(0, keepdim=True)                 # first tile holding the max
+            part[5, c] = amax.gather(0, best).squeeze(0)
+            arg[c] = tile_arg.gather(0, best).squeeze(0)
+        alpha = torch.exp(m_run - m_new)                        # 0 before the first chunk
+        _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc, row_scale=alpha)
+        m_run = m_new
+    logp, lse, stats = combine_splits(part, arg, y)
+    _, _, total = _lse(part[0], part[1])
+    return logp, lse, stats, frozen_direction(w, y, part[2].sum(0), acc, total, softcap, scale)
 
 
 def _stats_grad_args(g_stats, stats, fallback):
@@ -213,31 +281,107 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=
         n, vocab, d, rh.shape[1], v_per_split, splits, *strides,
         KL_DIR=div, LOGP=logp_on, STATS=with_stats, **flags, **tiles.constexprs(), **tiles.launch(),
     )
-    logp = stats = ref_logp = aux = None
-    if logp_on:  # planes 0..6 are laid out as logprob_fwd_kernel's
-        logp, lse, stats = combine_splits(part[:N_PLANES], arg, y)
-    else:
-        lse, _, _ = _lse(part[KL_PLANES["m_z"]], part[KL_PLANES["l_z"]])
-    m_z, m_r = part[KL_PLANES["m_z"]], part[KL_PLANES["m_r"]]
-    rlse, rscale, rtotal = _lse(m_r, part[KL_PLANES["l_r"]])
-    _, zscale, ztotal = _lse(m_z, part[KL_PLANES["l_z"]])
-    if logp_on:
-        ref_logp = part[KL_PLANES["ry"]].sum(0) - rlse
+    out = _kl_combine(part, arg, y if logp_on else None, div)
     if div == 2:
-        jsd, aux = _jsd_forward(heads, strides, flags, lse, rlse, n, vocab, d, rh.shape[1], beta, h.device,
-                                h.element_size(), rh.element_size())
-        return jsd, lse, rlse, logp, ref_logp, stats, aux
+        jsd, aux = _jsd_forward(heads, strides, flags, out["lse"], out["rlse"], n, vocab, d, rh.shape[1], beta,
+                                h.device, h.element_size(), rh.element_size())
+        out["div"], out["aux"] = jsd, aux
+    return tuple(out[k] for k in ("div", "lse", "rlse", "logp", "ref_logp", "stats", "aux"))
+
+
+def _kl_combine(part, arg, y, div):
+    """Merges two-head partials [KL_PLANES, split, row] (each split relative to its own maxes):
+    dict of div (None for the JSD), lse, rlse, logp, ref_logp, stats (None where not asked for),
+    aux (div 1: the KL) and ztotal, rtotal (the sums of exp relative to the global maxes)."""
+    out = dict(logp=None, stats=None, ref_logp=None, aux=None, div=None)
+    if y is not None:  # planes 0..6 are laid out as logprob_fwd_kernel's
+        out["logp"], out["lse"], out["stats"] = combine_splits(part[:N_PLANES], arg, y)
+    else:
+        out["lse"], _, _ = _lse(part[KL_PLANES["m_z"]], part[KL_PLANES["l_z"]])
+    m_z, m_r = part[KL_PLANES["m_z"]], part[KL_PLANES["m_r"]]
+    out["rlse"], rscale, rtotal = _lse(m_r, part[KL_PLANES["l_r"]])
+    _, zscale, ztotal = _lse(m_z, part[KL_PLANES["l_z"]])
+    out["ztotal"], out["rtotal"] = ztotal, rtotal
+    if y is not None:
+        out["ref_logp"] = part[KL_PLANES["ry"]].sum(0) - out["rlse"]
+    if div == 2:
+        return out
     # each split's a is relative to its own maxes: move it to the global ones, then
     # KL(ref || pol) = a / l_r - log l_r + log l_z, KL(pol || ref) = a / l_z - log l_z + log l_r
     shift = (m_r - m_r.amax(0)) - (m_z - m_z.amax(0))
     if div == 0:
         a = (rscale * (part[KL_PLANES["a"]] + part[KL_PLANES["l_r"]] * shift)).sum(0)
-        kl = a / rtotal - torch.log(rtotal) + torch.log(ztotal)
+        out["div"] = a / rtotal - torch.log(rtotal) + torch.log(ztotal)
     else:
         a = (zscale * (part[KL_PLANES["a"]] - part[KL_PLANES["l_z"]] * shift)).sum(0)
-        kl = a / ztotal - torch.log(ztotal) + torch.log(rtotal)
-        aux = kl
-    return kl, lse, rlse, logp, ref_logp, stats, aux
+        out["div"] = out["aux"] = a / ztotal - torch.log(ztotal) + torch.log(rtotal)
+    return out
+
+
+def kl_forward_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
+                      ref_scale=None):
+    """KL(p_ref || p) with a frozen policy head, one sweep by vocabulary chunks
+    (kernels/frozen.py): as kl_forward (div 0) plus the directions of dH,
+        d_kl = E_p[k W] - E_ref[k W]           (dKL/dh)
+        d_lp = k(z_y) W[y] - E_p[k W]          (dlogp/dh; with targets y, else None)
+    fp32 [Nv, D]. 4 N D V FLOPs of logits (both heads) + 4 N D V of P @ W and Q @ W."""
+    n, d = h.shape
+    vocab = w.shape[0]
+    logp_on = y is not None
+    if with_stats and not logp_on:
+        raise ValueError("with_stats needs the targets y")
+    tiles = config.tiles("dz", h.device, h.dtype)
+    cols = vocab_chunk_cols(n, vocab, 8, tiles.BLOCK_V, default_mb=schedule.DEFAULT_CHUNK_MB,
+                            max_cols=schedule.DEFAULT_CHUNK_COLS)
+    chunks = list(vocab_chunks(vocab, cols))
+    f = torch.float32
+    yk = y if logp_on else torch.full((n,), -1, dtype=torch.long, device=h.device)
+    z_buf, r_buf = config.empty((n, cols), f, h.device), config.empty((n, cols), f, h.device)
+    p_buf, q_buf = config.empty((n, cols), h.dtype, h.device), config.empty((n, cols), h.dtype, h.device)
+    acc_p = torch.zeros((n, d), dtype=f, device=h.device)
+    acc_q = torch.zeros((n, d), dtype=f, device=h.device)
+    mz_run = torch.full((n,), float("-inf"), dtype=f, device=h.device)
+    mr_run = mz_run.clone()
+    part = torch.zeros((len(KL_PLANES), len(chunks), n), dtype=f, device=h.device)
+    arg = config.empty((len(chunks), n), torch.int32, h.device) if with_stats else None
+    pt = config.tiles("probs", h.device, h.dtype)
+    n_blocks = triton.cdiv(n, pt.BLOCK_N)
+    xf = _xf(softcap, scale)
+    K = FROZEN_KL_FIELDS
+    for c, (v0, v1) in enumerate(chunks):
+        n_tiles = triton.cdiv(v1 - v0, pt.BLOCK_V)
+        maxes = [_chunk_logits(hh, ww, bb, buf, v0, v1, sc, scl)
+                 for hh, ww, bb, buf, sc, scl in ((h, w, b, z_buf, softcap, scale),
+                                                  (rh, rw, rb, r_buf, ref_softcap, ref_scale))]
+        mz_new, mr_new = torch.maximum(mz_run, maxes[0]), torch.maximum(mr_run, maxes[1])
+        tile_part = config.empty((len(K), n_tiles, n), f, h.device)
+        tile_arg = config.empty((n_tiles, n), torch.int32, h.device) if with_stats else None
+        chunk_kl_probs_kernel[(n_blocks * n_tiles,)](
+            z_buf, r_buf, yk, mz_new, mr_new, p_buf, q_buf, tile_part, tile_arg if with_stats else tile_part,
+            n, v0, v1 - v0, n_tiles, z_buf.stride(0), p_buf.stride(0),
+            softcap=xf["softcap"], scale=xf["scale"], HAS_SOFTCAP=xf["HAS_SOFTCAP"], HAS_SCALE=xf["HAS_SCALE"],
+            STATS=with_stats, BLOCK_N=pt.BLOCK_N, BLOCK_V=pt.BLOCK_V, num_warps=pt.num_warps,
+        )
+        sums = tile_part.sum(1)
+        part[KL_PLANES["m_z"], c], part[KL_PLANES["m_r"], c] = mz_new, mr_new
+        for plane, field in (("l_z", "l"), ("zy", "zy"), ("l_r", "l_r"), ("ry", "ry"), ("a", "a")):
+            part[KL_PLANES[plane], c] = sums[K[field]]
+        if with_stats:
+            for plane, field in (("zsum", "zsum"), ("pz", "pz"), ("q", "q")):
+                part[KL_PLANES[plane], c] = sums[K[field]]
+            amax = tile_part[K["amax"]]
+            best = amax.argmax(0, keepdim=True)
+            part[KL_PLANES["amax"], c] = amax.gather(0, best).squeeze(0)
+            arg[c] = tile_arg.gather(0, best).squeeze(0)
+        _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc_p, row_scale=torch.exp(mz_run - mz_new))
+        _mm_acc(q_buf[:, : v1 - v0], w[v0:v1], acc_q, row_scale=torch.exp(mr_run - mr_new))
+        mz_run, mr_run = mz_new, mr_new
+    out = _kl_combine(part, arg, y, 0)
+    ep = acc_p / out["ztotal"][:, None]
+    d_kl = ep - acc_q / out["rtotal"][:, None]
+    d_lp = frozen_direction(w, y, part[KL_PLANES["zy"]].sum(0), acc_p, out["ztotal"], softcap, scale) if logp_on \
+        else None
+    return out["div"], out["lse"], out["rlse"], out["logp"], out["ref_logp"], out["stats"], d_lp, d_kl
 
 
 def _jsd_forward(heads, strides, flags, lse, rlse, n, vocab, d, rd, beta, device, elem, ref_elem):

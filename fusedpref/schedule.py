@@ -85,9 +85,17 @@ def _fwd_bytes(n, d, v, e, block_n, block_v, splits, sms, l2, split_fastest=True
     return h + waves * v * d * e + n * splits * 6 * 4
 
 
-def model(n, d, v, dtype="bf16", gpu="H200", chunk_cols=None, frozen=False):
+def budget_cols_fp32(n, v, block_v):
+    """The one-pass frozen forward's chunk columns: its fp32 logits buffer within the budget."""
+    from ._chunks import budget_cols
+
+    return budget_cols(n, v, 4, block_v, DEFAULT_CHUNK_MB * 2**20, DEFAULT_CHUNK_COLS)
+
+
+def model(n, d, v, dtype="bf16", gpu="H200", chunk_cols=None, frozen=False, frozen_path="one-pass"):
     """Per-kernel FLOPs, modelled HBM bytes and lower-bound ms of the trainable (or frozen) head's
-    forward + backward at N valid rows, under the launch schedule above. An ESTIMATE."""
+    forward + backward at N valid rows, under the launch schedule above. A frozen head takes the
+    one-pass path (kernels/frozen.py) unless frozen_path="standard". An ESTIMATE."""
     g = GPUS[gpu]
     e = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
     peak = g.dense_tflops[dtype] * 1e12
@@ -115,17 +123,34 @@ def model(n, d, v, dtype="bf16", gpu="H200", chunk_cols=None, frozen=False):
                      "compute_ms": flops / peak * 1e3, "memory_ms": bytes_ / bw * 1e3,
                      "bound_ms": max(flops / peak, bytes_ / bw) * 1e3, "note": note})
 
+    mm_bands = cdiv(n, 128 * GROUP_M)
+    if frozen and frozen_path == "one-pass":
+        # per chunk: logits tiles (W chunk once per band, H once) -> fp32 z; p and P = k p; then
+        # acc = alpha acc + P W_chunk (fp32 RMW); backward: dH = g d
+        f_chunks = cdiv(v, min(chunk_cols, budget_cols_fp32(n, v, block_v)))
+        add("forward chunk_logits", 2 * n * d * v, bands * vd + f_chunks * nd + 4 * n * v,
+            f"{f_chunks} chunks, fp32 logits out")
+        add("forward chunk_probs", 0, 4 * n * v + n * v * e, "reads fp32 z, writes P")
+        add("forward acc = a acc + P W", 2 * n * d * v, n * v * e + mm_bands * vd + f_chunks * 8 * n * d,
+            "fp32 accumulator RMW per chunk")
+        add("forward d = k W[y] - acc / l", 0, nd + 2 * 4 * n * d, "gather, fp32 direction out")
+        add("backward dH = g d", 0, 4 * n * d + nd, "elementwise")
+        total = sum(r["bound_ms"] for r in rows)
+        floor = 4 * n * d * v / peak * 1e3
+        return rows, {"gpu": g.name, "dtype": dtype, "splits": 0, "chunk_cols": chunk_cols, "chunks": f_chunks, "units": 4,
+                      "total_bound_ms": total, "floor_ms": floor, "ratio": total / floor,
+                      "row_major_fwd_gbytes": 0.0}
     add("forward (logprob_fwd)", 2 * n * d * v, _fwd_bytes(n, d, v, e, block_n, block_v, splits, g.sms, l2),
         f"{block_n}x{block_v} tiles, {splits} splits, split-major")
     # dz: per chunk each band reads the W chunk once, H once per chunk, writes dz
     add("backward dz (recompute)", 2 * n * d * v, bands * vd + chunks * nd + nv, f"{chunks} chunks of {chunk_cols}")
     if not frozen:
         add("backward dW = dz^T H", 2 * n * d * v, nv + chunks * nd + vd, "cuBLAS per chunk")
-    mm_bands = cdiv(n, 128 * GROUP_M)
     add("backward dH += dz W", 2 * n * d * v, nv + mm_bands * vd + chunks * 8 * n * d, "fp32 accumulator RMW per chunk")
     total = sum(r["bound_ms"] for r in rows)
     floor = (6 if frozen else 8) * n * d * v / peak * 1e3
     return rows, {"gpu": g.name, "dtype": dtype, "splits": splits, "chunk_cols": chunk_cols, "chunks": chunks,
+                  "units": 6 if frozen else 8,
                   "total_bound_ms": total, "floor_ms": floor, "ratio": total / floor,
                   "row_major_fwd_gbytes": _fwd_bytes(n, d, v, e, block_n, block_v, splits, g.sms, l2,
                                                      split_fastest=False) / 1e9}
@@ -140,9 +165,10 @@ def print_model(rows, summary, shape):
     for r in rows:
         print(f"| {r['kernel']} | {r['gflop']:.0f} | {r['gbytes']:.2f} | {r['compute_ms']:.2f} | "
               f"{r['memory_ms']:.2f} | {r['bound_ms']:.2f} | {r['note']} |")
+    tail = (f"; row-major forward would move {summary['row_major_fwd_gbytes']:.0f} GB"
+            if summary["row_major_fwd_gbytes"] else "")
     print(f"# total lower bound {summary['total_bound_ms']:.1f} ms = {summary['ratio']:.3f} x the "
-          f"{'6' if len(rows) == 3 else '8'}*N*D*V floor ({summary['floor_ms']:.1f} ms at the datasheet peak); "
-          f"row-major forward would move {summary['row_major_fwd_gbytes']:.0f} GB")
+          f"{summary['units']}*N*D*V floor ({summary['floor_ms']:.1f} ms at the datasheet peak){tail}")
 
 
 def main(argv=None):
@@ -156,9 +182,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="default: %(default)s")
     p.add_argument("--gpu", default="H200", choices=sorted(GPUS), help="default: %(default)s")
     p.add_argument("--chunk-cols", type=int, default=None, help="backward chunk columns (default: the schedule's)")
-    p.add_argument("--frozen", action="store_true", help="frozen head: no dW")
+    p.add_argument("--frozen", action="store_true", help="frozen head: no dW (the one-pass path)")
+    p.add_argument("--frozen-path", choices=["one-pass", "standard"], default="one-pass",
+                   help="with --frozen: the one-pass path (default) or the standard 6 N D V one")
     a = p.parse_args(argv)
-    rows, summary = model(a.n, a.d, a.v, a.dtype, a.gpu, chunk_cols=a.chunk_cols, frozen=a.frozen)
+    rows, summary = model(a.n, a.d, a.v, a.dtype, a.gpu, chunk_cols=a.chunk_cols, frozen=a.frozen,
+                          frozen_path=a.frozen_path)
     print_model(rows, summary, (a.n, a.d, a.v))
     return 0
 

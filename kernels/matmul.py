@@ -1,7 +1,10 @@
-"""Accumulating matmul with an fp32 accumulator in memory:   C[M, N] += A[M, K] @ B[K, N].
+"""Accumulating matmul with an fp32 accumulator in memory:   C[M, N] += A[M, K] @ B[K, N],
+or with ROW_SCALE  C = s[:, None] * C + A @ B  (s [M] fp32).
 
 Used for dH = sum over vocabulary chunks of dz_chunk @ W_chunk, so that the hidden-state
-gradient of a 16-bit head is summed in fp32 across chunks and rounded once at the end.
+gradient of a 16-bit head is summed in fp32 across chunks and rounded once at the end; with
+ROW_SCALE for the frozen-head forward's softmax-weighted sum of W rows, rescaled as the running
+max grows (kernels/frozen.py).
 """
 import triton
 import triton.language as tl
@@ -11,10 +14,10 @@ from .schedule import grouped
 
 @triton.jit
 def mm_acc_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K,
+    a_ptr, b_ptr, c_ptr, s_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, ROW_SCALE: tl.constexpr,
 ):
     # 1. grouped program order: GROUP_M row blocks share the same B columns in L2
     pid_m, pid_n = grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -48,4 +51,7 @@ def mm_acc_kernel(
     # 3. read-modify-write of the fp32 accumulator (each tile is owned by one program)
     c_ptrs = c_ptr + m0 * stride_cm + n0 * stride_cn + om[:, None] * stride_cm + on[None, :] * stride_cn
     c_mask = m_mask[:, None] & n_mask[None, :]
-    tl.store(c_ptrs, tl.load(c_ptrs, mask=c_mask, other=0.0) + acc, mask=c_mask)
+    c = tl.load(c_ptrs, mask=c_mask, other=0.0)
+    if ROW_SCALE:
+        c = c * tl.load(s_ptr + m0 + om, mask=m_mask, other=0.0)[:, None]
+    tl.store(c_ptrs, c + acc, mask=c_mask)

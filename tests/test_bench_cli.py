@@ -145,13 +145,17 @@ def test_comparators_are_installed_where_required():
 def test_frozen_dtype_prompt_frac_and_beta_flags(tmp_path):
     rows, out = _bench(tmp_path, "--providers", "eager,fused-torch", "--frozen", "--dtype", "bfloat16",
                        "--prompt-frac", "0.25", "--beta", "0.3")
-    for r in rows.values():
+    # the fused provider's one-pass frozen path beside its standard frozen path and a trainable head
+    assert set(rows) == {"eager", "fused-torch", "fused-torch:standard", "fused-torch:trainable"}, set(rows)
+    for name, r in rows.items():
+        trainable = name.endswith(":trainable")
         assert r["status"] == "ok", r["status"]
-        assert r["frozen"] == "True" and r["dtype"] == "bfloat16", r
+        assert r["frozen"] == str(not trainable) and r["dtype"] == "bfloat16", r
         assert int(r["n_valid"]) == 2 * (32 - 8)                  # 1 pair x 2 x (32 - 25% prompt)
-        assert float(r["flops"]) == 6 * int(r["n_valid"]) * 32 * 1000    # frozen: no dW work
+        assert float(r["flops"]) == (8 if trainable else 6) * int(r["n_valid"]) * 32 * 1000   # frozen: no dW
         assert float(r["err_loss"]) < 5e-2 and float(r["err_dh"]) < 5e-2   # bf16
     assert "(beta 0.3)" in out and all(r["beta"] == "0.3" for r in rows.values()), out[:800]
+    assert "# frozen head, fused-torch: one-pass / standard frozen path time" in out, out[-800:]
 
 
 def test_default_output_is_a_fresh_folder_and_plotting_is_optional(tmp_path):

@@ -1,6 +1,8 @@
 """The torch backend does exactly the FLOPs its derivation says (FlopCounterMode counts every
-matmul): forward 2*Nv*D*V, backward 2 (recompute) + 2 (dW) + 2 (dH) times Nv*D*V, frozen head
-4*Nv*D*V; ignored rows (N - Nv of them) cost nothing."""
+matmul): forward 2*Nv*D*V, backward 2 (recompute) + 2 (dW) + 2 (dH) times Nv*D*V; a frozen head
+4*Nv*D*V in all on the one-pass path (forward 2 logits + 2 softmax-weighted W, backward none) and
+on the standard path (FUSEDPREF_FROZEN=standard: forward 2, backward 2 + 2) 6; ignored rows
+(N - Nv of them) cost nothing."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,8 +18,10 @@ def _count(fn):
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
-def test_flops_follow_valid_rows(frozen):
+@pytest.mark.parametrize("frozen,path", [(False, "one-pass"), (True, "one-pass"), (True, "standard")],
+                         ids=["trainable", "frozen-one-pass", "frozen-standard"])
+def test_flops_follow_valid_rows(frozen, path, monkeypatch):
+    monkeypatch.setenv("FUSEDPREF_FROZEN", path)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(N, D, generator=g, requires_grad=True)
     w = torch.randn(V, D, generator=g, requires_grad=not frozen)
@@ -27,8 +31,10 @@ def test_flops_follow_valid_rows(frozen):
     out = {}
     fwd = _count(lambda: out.setdefault("logp", fusedpref.linear_logprobs(h, w, y, backend="torch")))
     bwd = _count(lambda: out["logp"].backward(torch.randn(N, generator=g)))
-    assert fwd == 2 * nv * D * V
-    assert bwd == (4 if frozen else 6) * nv * D * V
+    one_pass = frozen and path == "one-pass"
+    assert fwd == (4 if one_pass else 2) * nv * D * V
+    assert bwd == (0 if one_pass else 4 if frozen else 6) * nv * D * V
+    assert (fwd + bwd) / (nv * D * V) == (4 if one_pass else 6 if frozen else 8)   # the issue: <= 4.2 frozen
     assert (w.grad is None) == frozen
 
 
@@ -51,3 +57,25 @@ def test_expo_vocab_reads_each_head_once_per_pass():
     #   metric, sum p^2 for log_sum_sq_probs), which FlopCounterMode counts as einsums: 3 * (2 * Nv * V)
     assert fwd == 4 * nv * D * V + 6 * nv * V
     assert bwd == 8 * nv * D * V
+
+
+@pytest.mark.parametrize("path", ["one-pass", "standard"])
+def test_expo_pass_with_a_frozen_policy_head(path, monkeypatch):
+    """EXPO's pass with a frozen policy head (LoRA): one-pass forward = both heads' logits (2 + 2)
+    and the two softmax-weighted sums of the policy's W rows, under p and p_ref (2 + 2), backward
+    none: 8 * Nv * D * V; the standard path: forward 4, backward recompute 4 + dH 2 = 10."""
+    monkeypatch.setenv("FUSEDPREF_FROZEN", path)
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 16, D, generator=g, requires_grad=True)
+    w, rh, rw = torch.randn(V, D, generator=g), torch.randn(4, 16, D, generator=g), torch.randn(V, D, generator=g)
+    y = torch.randint(0, V, (4, 16), generator=g)
+    y[:, :6] = -100
+    nv = int((y != -100).sum())
+    out = {}
+    fwd = _count(lambda: out.setdefault("loss", fusedpref.preference_loss(
+        h, w, y, loss_type="expo", ref_hidden=rh, ref_weight=rw, backend="torch")[0]))
+    bwd = _count(lambda: out["loss"].backward())
+    matmul = 8 if path == "one-pass" else 4
+    # + the row-wise dot products over V, counted as einsums (KL, entropy, sum p^2): 3 * (2 * Nv * V)
+    assert fwd == matmul * nv * D * V + 6 * nv * V
+    assert bwd == (0 if path == "one-pass" else 6 * nv * D * V)

@@ -71,8 +71,12 @@ def test_roofline_at_the_main_shape():
     assert summary["total_bound_ms"] <= 1.25 * summary["floor_ms"]
     assert summary["chunk_cols"] == 8192 and summary["chunks"] == 16
     assert math.isclose(sum(r["gflop"] for r in rows), 8 * 16384 * 4096 * 128256 / 1e9)
-    frozen, fs = schedule.model(16384, 4096, 128256, "bf16", "H200", frozen=True)
-    assert len(frozen) == 3 and math.isclose(sum(r["gflop"] for r in frozen), 6 * 16384 * 4096 * 128256 / 1e9)
+    std, ss = schedule.model(16384, 4096, 128256, "bf16", "H200", frozen=True, frozen_path="standard")
+    assert len(std) == 3 and math.isclose(sum(r["gflop"] for r in std), 6 * 16384 * 4096 * 128256 / 1e9)
+    one, so = schedule.model(16384, 4096, 128256, "bf16", "H200", frozen=True)     # the one-pass default
+    assert math.isclose(sum(r["gflop"] for r in one), 4 * 16384 * 4096 * 128256 / 1e9) and so["units"] == 4
+    # modelled: the one-pass frozen path's lower bound within 0.75x of the standard frozen path's
+    assert so["total_bound_ms"] <= 0.75 * ss["total_bound_ms"]
 
 
 def test_roofline_command_prints_the_table():

@@ -152,3 +152,22 @@ def test_distillation_trainer(beta, args, monkeypatch):
         return DistillationTrainer(model=T.model(), teacher_model=T.model(seed=1, hidden=48), args=cfg,
                                    train_dataset=T.prompt_data(), processing_class=T.tokenizer())
     compare(make, monkeypatch, head="divergence")
+
+
+def test_lora_dpo_takes_the_one_pass_frozen_head_path(args, monkeypatch):
+    """PEFT leaves the LM head frozen: the policy's head call takes the one-pass path (4 N D V)
+    and the run matches TRL's own head."""
+    peft = optional("peft")
+    from fusedpref import chunked
+
+    calls = []
+    original = chunked.logprob_forward_frozen
+    monkeypatch.setattr(chunked, "logprob_forward_frozen", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def make():
+        cfg = args(DPOConfig, per_device_train_batch_size=4)
+        return DPOTrainer(model=T.model(), ref_model=None, args=cfg, train_dataset=T.preference_data(),
+                          processing_class=T.tokenizer(),
+                          peft_config=peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    compare(make, monkeypatch)
+    assert len(calls) == 2          # the policy's forward of each step; the reference runs under no_grad

@@ -13,7 +13,7 @@ import torch
 
 from . import __doc__ as BENCH_DOC
 from .measure import _worker, matmul_tflops, run_provider
-from .providers import ALL_PROVIDERS, CPU_DEFAULT_PROVIDERS, available, is_expo
+from .providers import ALL_PROVIDERS, CPU_DEFAULT_PROVIDERS, STANDARD, TRAINABLE, available, is_expo
 from .report import CSV_COLS, _meta, plot, print_table
 
 
@@ -61,6 +61,9 @@ def run(argv=None):
     except (ValueError, TypeError) as exc:
         p.error(str(exc))
     providers = [x for x in wanted if available(x, device)]
+    if a.frozen:   # the fused heads' one-pass frozen path beside their standard frozen path and a trainable head
+        providers = [v for x in providers
+                     for v in ((x, f"{x}:{STANDARD}", f"{x}:{TRAINABLE}") if x.startswith("fused-") else (x,))]
     skipped = [x for x in wanted if x not in providers]
     shape = (a.pairs, a.seq, a.d, a.v)
     meta = _meta(device, dtype)
@@ -123,6 +126,12 @@ def run(argv=None):
     if skipped:
         print(f"# skipped (not available here): {', '.join(skipped)}")
     by = {r["provider"]: r for r in rows}
+    for fused in ("fused-torch", "fused-triton"):
+        one, std, trn = (by.get(k, {}).get("fwd_bwd_ms", 0) for k in (fused, f"{fused}:{STANDARD}",
+                                                                      f"{fused}:{TRAINABLE}"))
+        if one > 0 and std > 0 and trn > 0:
+            print(f"# frozen head, {fused}: one-pass / standard frozen path time {one / std:.2f}x "
+                  f"({one:.4g} vs {std:.4g} ms; trainable head {trn:.4g} ms)")
     for fused in ("fused-torch", "fused-triton"):
         if by.get("eager", {}).get("peak_mb", 0) > 0 and by.get(fused, {}).get("peak_mb", 0) > 0:
             print(f"# peak memory above inputs, eager / {fused}: "

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .providers import errors, flop_count, is_expo, loss_fn, make_inputs
+from .providers import STANDARD, TRAINABLE, errors, flop_count, is_expo, loss_fn, make_inputs, split_variant
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -32,6 +32,7 @@ def _median_ms(fn, reps, warmup=True):
 def measure(provider, shape, dtype, device, loss_type, beta, reps, frozen=False, prompt_frac=0.5):
     """fwd/bwd/total ms and extra memory (MB) of one provider at one shape (in this process)."""
     h, w, y, r = make_inputs(*shape, dtype, device, prompt_frac, ref_head=is_expo(loss_type))
+    frozen = frozen and split_variant(provider)[1] != TRAINABLE
     h.requires_grad_()
     w.requires_grad_(not frozen)
     fn = loss_fn(provider, loss_type, beta)
@@ -69,7 +70,7 @@ def measure(provider, shape, dtype, device, loss_type, beta, reps, frozen=False,
     return {"n_valid": int((y != -100).sum()), "fwd_ms": t_fwd, "bwd_ms": max(0.0, t_all - t_fwd),
             "fwd_bwd_ms": t_all, "peak_mb": peak,
             "extra_mb": peak - grads_mb,
-            "flops": flop_count(y, shape[2], shape[3], is_expo(loss_type), frozen)}
+            "flops": flop_count(y, shape[2], shape[3], is_expo(loss_type), frozen), "frozen": frozen}
 
 
 def _status_mb(field):
@@ -139,6 +140,8 @@ def run_provider(provider, jobs, dtype, device, loss_type, beta, frozen, prompt_
 
 def _worker(spec):
     s = json.loads(spec)
+    if split_variant(s["provider"])[1] == STANDARD:      # this worker process only
+        os.environ["FUSEDPREF_FROZEN"] = "standard"
     device, dtype = torch.device(s["device"]), getattr(torch, s["dtype"])
     torch.manual_seed(0)
     # the error check at a small shape runs first: it also pays the provider's one-time costs

@@ -11,6 +11,15 @@ TRL_CHUNK = 32768   # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
 # the CPU default keeps the run under a minute on 2 cores; compile and liger run there too when
 # asked for (--providers)
 CPU_DEFAULT_PROVIDERS = ("eager", "fused-torch")
+# with --frozen each fused provider also runs as "<provider>:standard" (FUSEDPREF_FROZEN=standard,
+# the 6 N D V frozen path) and "<provider>:trainable" (the head requires grad), side by side
+STANDARD, TRAINABLE = "standard", "trainable"
+
+
+def split_variant(provider):
+    """("fused-torch", "standard") from "fused-torch:standard"; the variant is "" for the plain name."""
+    base, _, variant = provider.partition(":")
+    return base, variant
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -78,6 +87,7 @@ def _eager_loss(hidden, weight, targets, ref, loss_type, beta):
 
 
 def available(provider, device):
+    provider = split_variant(provider)[0]
     if provider in ("fused-triton", "cce") and device.type != "cuda":
         return False
     if provider == "liger":
@@ -102,6 +112,7 @@ def loss_fn(provider, loss_type, beta):
     """A callable (hidden, weight, targets, ref) -> scalar loss; ref as make_inputs returns it."""
     import fusedpref
 
+    provider = split_variant(provider)[0]
     if provider == "eager":
         return lambda h, w, y, r: _eager_loss(h, w, y, r, loss_type, beta)
     if provider == "compile":
