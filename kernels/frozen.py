@@ -19,8 +19,7 @@ and d = k(z_y) W[y] - acc / l at the end, with l the sum of exp(z - m) over V.
 import triton
 import triton.language as tl
 
-from .schedule import grouped
-from .tiles import head_chain, logit_tile, stats_init, stats_step
+from .tiles import chunk_tile, grouped_tile, head_chain, logit_tile, stats_init, stats_step
 
 # fields of chunk_probs_kernel's per-tile partials part[field, tile, row]
 FIELDS = {"l": 0, "zy": 1, "zsum": 2, "pz": 3, "amax": 4, "q": 5}
@@ -37,23 +36,47 @@ def chunk_logits_kernel(
     GROUP_M: tl.constexpr,
 ):
     # program order: GROUP_M row blocks per band of column tiles (kernels/schedule.py)
-    pid_n, pid_v = grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_M)
-    pid_n = pid_n.to(tl.int64)
-    pid_v = pid_v.to(tl.int64)
-    row0 = pid_n * BLOCK_N
-    col0 = pid_v * BLOCK_V
-    rows = row0 + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    offs_v = tl.arange(0, BLOCK_V)
-    col_mask = offs_v < n_cols - col0
+    row0, col0, rows, row_mask, offs_v, col_mask = grouped_tile(tl.program_id(0), N, n_cols, BLOCK_N, BLOCK_V,
+                                                                GROUP_M)
     v0 = v_lo + col0
     z = logit_tile(h_ptr + row0 * stride_hn, stride_hn, stride_hd, w_ptr + v0 * stride_wv, stride_wv, stride_wd,
                    b_ptr + v0, softcap, scale, row_mask, col_mask, D,
                    BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_SCALE, DOT_FP32)
     z = tl.where(col_mask[None, :], z, float("-inf"))
-    tl.store(tmax_ptr + pid_v * N + rows, tl.max(z, axis=1), mask=row_mask)
+    tl.store(tmax_ptr + (col0 // BLOCK_V) * N + rows, tl.max(z, axis=1), mask=row_mask)
     ptrs = z_ptr + row0 * stride_zn + col0 + tl.arange(0, BLOCK_N)[:, None] * stride_zn + offs_v[None, :]
     tl.store(ptrs, z, mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _load_chunk(ptr, row0, col0, stride, row_mask, col_mask, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """A tile of an fp32 chunk buffer: -inf past the chunk (its probability is 0 there), 0 on rows
+    past N (finite throughout, never stored), and the same with 0 past the chunk (for the chain
+    and the target)."""
+    offs = row0 * stride + col0 + tl.arange(0, BLOCK_N)[:, None] * stride + tl.arange(0, BLOCK_V)[None, :]
+    x = tl.load(ptr + offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    return tl.where(col_mask[None, :], x, float("-inf")), tl.where(col_mask[None, :], x, 0.0)
+
+
+@triton.jit
+def _store_tile(ptr, x, row0, col0, stride, row_mask, col_mask, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    offs = row0 * stride + col0 + tl.arange(0, BLOCK_N)[:, None] * stride + tl.arange(0, BLOCK_V)[None, :]
+    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _tile_stats(out, plane, arg_out, row_mask, z, p, col_mask, m, v0, BLOCK_N: tl.constexpr):
+    """This tile's statistics relative to m (tiles.stats_step from empty accumulators) into planes
+    2..5 of out (FIELDS) and its first argmax into arg_out."""
+    zsum, pz, amax, aidx, sq = stats_init(BLOCK_N)
+    zero = tl.zeros((BLOCK_N,), tl.float32)
+    zsum, pz, amax, aidx, sq = stats_step(zsum, pz, amax, aidx, sq, z, p, col_mask, m, m, zero, zero + 1.0,
+                                          tl.max(z, axis=1), v0)
+    tl.store(out + 2 * plane, zsum, mask=row_mask)
+    tl.store(out + 3 * plane, pz, mask=row_mask)
+    tl.store(out + 4 * plane, amax, mask=row_mask)
+    tl.store(out + 5 * plane, sq, mask=row_mask)
+    tl.store(arg_out, aidx, mask=row_mask)
 
 
 @triton.jit
@@ -64,26 +87,15 @@ def chunk_probs_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr, STATS: tl.constexpr,
 ):
-    pid_n = (tl.program_id(0) // n_tiles).to(tl.int64)
-    pid_v = (tl.program_id(0) % n_tiles).to(tl.int64)
-    row0 = pid_n * BLOCK_N
-    col0 = pid_v * BLOCK_V
-    rows = row0 + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    offs_v = tl.arange(0, BLOCK_V)
-    col_mask = offs_v < n_cols - col0
-    mask = row_mask[:, None] & col_mask[None, :]
-    offs = tl.arange(0, BLOCK_N)[:, None] * stride_zn + offs_v[None, :]
-    # -inf past the chunk (p = 0 there); 0 on rows past N (finite throughout, never stored)
-    z = tl.load(z_ptr + row0 * stride_zn + col0 + offs, mask=mask, other=0.0)
-    z = tl.where(col_mask[None, :], z, float("-inf"))
+    pid_v = tl.program_id(0) % n_tiles
+    row0, col0, rows, row_mask, offs_v, col_mask = chunk_tile(tl.program_id(0) // n_tiles, pid_v, N, n_cols,
+                                                              BLOCK_N, BLOCK_V)
+    z, zc = _load_chunk(z_ptr, row0, col0, stride_zn, row_mask, col_mask, BLOCK_N, BLOCK_V)
     m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
     # 1. probabilities relative to the running max, times the chain
     p = tl.exp(z - m[:, None])
-    zc = tl.where(col_mask[None, :], z, 0.0)             # finite, for the chain and the target
-    pk = head_chain(p, zc, softcap, scale, HAS_SOFTCAP, HAS_SCALE)
-    p_ptrs = p_ptr + row0 * stride_pn + col0 + tl.arange(0, BLOCK_N)[:, None] * stride_pn + offs_v[None, :]
-    tl.store(p_ptrs, pk.to(p_ptr.dtype.element_ty), mask=mask)
+    _store_tile(p_ptr, head_chain(p, zc, softcap, scale, HAS_SOFTCAP, HAS_SCALE), row0, col0, stride_pn, row_mask,
+                col_mask, BLOCK_N, BLOCK_V)
     # 2. this tile's partials, all relative to m
     v0 = v_lo + col0
     y_local = (tl.load(y_ptr + rows, mask=row_mask, other=-1) - v0).to(tl.int32)
@@ -92,15 +104,7 @@ def chunk_probs_kernel(
     tl.store(out, tl.sum(p, axis=1), mask=row_mask)
     tl.store(out + plane, tl.sum(tl.where(offs_v[None, :] == y_local[:, None], zc, 0.0), axis=1), mask=row_mask)
     if STATS:
-        zsum, pz, amax, aidx, q = stats_init(BLOCK_N)
-        zero = tl.zeros((BLOCK_N,), tl.float32)
-        zsum, pz, amax, aidx, q = stats_step(zsum, pz, amax, aidx, q, z, p, col_mask, m, m, zero, zero + 1.0,
-                                             tl.max(z, axis=1), v0)
-        tl.store(out + 2 * plane, zsum, mask=row_mask)
-        tl.store(out + 3 * plane, pz, mask=row_mask)
-        tl.store(out + 4 * plane, amax, mask=row_mask)
-        tl.store(out + 5 * plane, q, mask=row_mask)
-        tl.store(arg_ptr + pid_v * N + rows, aidx, mask=row_mask)
+        _tile_stats(out, plane, arg_ptr + pid_v * N + rows, row_mask, z, p, col_mask, m, v0, BLOCK_N)
 
 
 # fields of chunk_kl_probs_kernel's per-tile partials: FIELDS, then the reference's
@@ -118,28 +122,19 @@ def chunk_kl_probs_kernel(
     # EXPO's frozen pass over one chunk tile of both heads' logits z (policy) and r (reference),
     # relative to the running maxes m_z, m_r: P = k(z) p and Q = k(z) p_ref (the policy's chain:
     # dKL/dh = sum_v (p_v - p_ref,v) k(z_v) W[v]), and the tile's partials
-    pid_n = (tl.program_id(0) // n_tiles).to(tl.int64)
-    pid_v = (tl.program_id(0) % n_tiles).to(tl.int64)
-    row0 = pid_n * BLOCK_N
-    col0 = pid_v * BLOCK_V
-    rows = row0 + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    offs_v = tl.arange(0, BLOCK_V)
-    col_mask = offs_v < n_cols - col0
-    mask = row_mask[:, None] & col_mask[None, :]
-    offs = row0 * stride_zn + col0 + tl.arange(0, BLOCK_N)[:, None] * stride_zn + offs_v[None, :]
-    z = tl.where(col_mask[None, :], tl.load(z_ptr + offs, mask=mask, other=0.0), float("-inf"))
-    r = tl.where(col_mask[None, :], tl.load(r_ptr + offs, mask=mask, other=0.0), float("-inf"))
+    pid_v = tl.program_id(0) % n_tiles
+    row0, col0, rows, row_mask, offs_v, col_mask = chunk_tile(tl.program_id(0) // n_tiles, pid_v, N, n_cols,
+                                                              BLOCK_N, BLOCK_V)
+    z, zc = _load_chunk(z_ptr, row0, col0, stride_zn, row_mask, col_mask, BLOCK_N, BLOCK_V)
+    r, rc = _load_chunk(r_ptr, row0, col0, stride_zn, row_mask, col_mask, BLOCK_N, BLOCK_V)
     m_z = tl.load(mz_ptr + rows, mask=row_mask, other=0.0)
     m_r = tl.load(mr_ptr + rows, mask=row_mask, other=0.0)
     p = tl.exp(z - m_z[:, None])
     q = tl.exp(r - m_r[:, None])
-    zc = tl.where(col_mask[None, :], z, 0.0)
-    rc = tl.where(col_mask[None, :], r, 0.0)
-    p_ptrs = p_ptr + row0 * stride_pn + col0 + tl.arange(0, BLOCK_N)[:, None] * stride_pn + offs_v[None, :]
-    tl.store(p_ptrs, head_chain(p, zc, softcap, scale, HAS_SOFTCAP, HAS_SCALE).to(p_ptr.dtype.element_ty), mask=mask)
-    q_ptrs = q_ptr + row0 * stride_pn + col0 + tl.arange(0, BLOCK_N)[:, None] * stride_pn + offs_v[None, :]
-    tl.store(q_ptrs, head_chain(q, zc, softcap, scale, HAS_SOFTCAP, HAS_SCALE).to(q_ptr.dtype.element_ty), mask=mask)
+    _store_tile(p_ptr, head_chain(p, zc, softcap, scale, HAS_SOFTCAP, HAS_SCALE), row0, col0, stride_pn, row_mask,
+                col_mask, BLOCK_N, BLOCK_V)
+    _store_tile(q_ptr, head_chain(q, zc, softcap, scale, HAS_SOFTCAP, HAS_SCALE), row0, col0, stride_pn, row_mask,
+                col_mask, BLOCK_N, BLOCK_V)
     v0 = v_lo + col0
     hit = offs_v[None, :] == (tl.load(y_ptr + rows, mask=row_mask, other=-1) - v0).to(tl.int32)[:, None]
     plane = n_tiles * N
@@ -152,12 +147,4 @@ def chunk_kl_probs_kernel(
     diff = tl.where(col_mask[None, :], (rc - m_r[:, None]) - (zc - m_z[:, None]), 0.0)
     tl.store(out + 8 * plane, tl.sum(q * diff, axis=1), mask=row_mask)
     if STATS:
-        zsum, pz, amax, aidx, sq = stats_init(BLOCK_N)
-        zero = tl.zeros((BLOCK_N,), tl.float32)
-        zsum, pz, amax, aidx, sq = stats_step(zsum, pz, amax, aidx, sq, z, p, col_mask, m_z, m_z, zero, zero + 1.0,
-                                              tl.max(z, axis=1), v0)
-        tl.store(out + 2 * plane, zsum, mask=row_mask)
-        tl.store(out + 3 * plane, pz, mask=row_mask)
-        tl.store(out + 4 * plane, amax, mask=row_mask)
-        tl.store(out + 5 * plane, sq, mask=row_mask)
-        tl.store(arg_ptr + pid_v * N + rows, aidx, mask=row_mask)
+        _tile_stats(out, plane, arg_ptr + pid_v * N + rows, row_mask, z, p, col_mask, m_z, v0, BLOCK_N)

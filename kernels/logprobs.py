@@ -20,8 +20,8 @@ with STATS_GRAD, the upstream gradient of the statistics (tiles.stats_grad):
 import triton
 import triton.language as tl
 
-from .schedule import grouped, split_major
-from .tiles import head_chain, logit_tile, stats_grad, stats_init, stats_step, stats_store
+from .tiles import (grouped_tile, head_chain, logit_tile, split_rows, stats_grad, stats_init, stats_step,
+                    stats_store)
 
 
 @triton.jit
@@ -35,12 +35,7 @@ def logprob_fwd_kernel(
     DOT_FP32: tl.constexpr,
 ):
     # 0. program order: the split varies fastest (kernels/schedule.py)
-    pid_n, pid_s = split_major(tl.program_id(0), n_splits)
-    pid_n = pid_n.to(tl.int64)
-    pid_s = pid_s.to(tl.int64)
-    row0 = pid_n * BLOCK_N                      # int64 scalar; in-tile offsets are int32
-    rows = row0 + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    pid_s, row0, rows, row_mask = split_rows(tl.program_id(0), n_splits, N, BLOCK_N)
     h_blk = h_ptr + row0 * stride_hn
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     offs_v = tl.arange(0, BLOCK_V)
@@ -95,15 +90,8 @@ def logprob_dz_kernel(
     HAS_DB: tl.constexpr, DOT_FP32: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # 0. program order: GROUP_M row blocks per band of column tiles (kernels/schedule.py)
-    pid_n, pid_v = grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_M)
-    pid_n = pid_n.to(tl.int64)
-    pid_v = pid_v.to(tl.int64)
-    row0 = pid_n * BLOCK_N                      # int64 scalars; in-tile offsets are int32
-    col0 = pid_v * BLOCK_V                      # first column of the tile within the chunk
-    rows = row0 + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    offs_v = tl.arange(0, BLOCK_V)
-    col_mask = offs_v < n_cols - col0
+    row0, col0, rows, row_mask, offs_v, col_mask = grouped_tile(tl.program_id(0), N, n_cols, BLOCK_N, BLOCK_V,
+                                                                GROUP_M)
     v0 = v_lo + col0                            # first vocabulary id of the tile
     # 1. recompute the logit tile
     z = logit_tile(h_ptr + row0 * stride_hn, stride_hn, stride_hd, w_ptr + v0 * stride_wv,
@@ -123,6 +111,6 @@ def logprob_dz_kernel(
     # 3. store in the operand dtype for the tensor-core matmuls that follow
     if HAS_DB:  # this row block's fp32 column sums (the host adds the row blocks: deterministic)
         colsum = tl.sum(tl.where(row_mask[:, None], dz, 0.0), axis=0)
-        tl.store(db_ptr + pid_n * stride_dbn + col0 + offs_v, colsum, mask=col_mask)
+        tl.store(db_ptr + (row0 // BLOCK_N) * stride_dbn + col0 + offs_v, colsum, mask=col_mask)
     ptrs = dz_ptr + row0 * stride_dzn + col0 + tl.arange(0, BLOCK_N)[:, None] * stride_dzn + offs_v[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

@@ -10,6 +10,35 @@ stats_step accumulates (all but the argmax hit are differentiable) is stats_grad
 import triton
 import triton.language as tl
 
+from .schedule import grouped, split_major
+
+
+@triton.jit
+def split_rows(pid, n_splits, N, BLOCK_N: tl.constexpr):
+    """(split, first row, rows, row mask) of a forward program (split-major order); int64 scalars."""
+    pid_n, pid_s = split_major(pid, n_splits)
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
+    return pid_s.to(tl.int64), row0, rows, rows < N
+
+
+@triton.jit
+def chunk_tile(pid_n, pid_v, N, n_cols, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(first row, first column in the chunk, rows, row mask, in-tile columns, column mask) of the
+    tile (pid_n, pid_v) of a rows x n_cols chunk; int64 scalars, int32 in-tile offsets."""
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    col0 = pid_v.to(tl.int64) * BLOCK_V
+    rows = row0 + tl.arange(0, BLOCK_N)
+    offs_v = tl.arange(0, BLOCK_V)
+    return row0, col0, rows, rows < N, offs_v, offs_v < n_cols - col0
+
+
+@triton.jit
+def grouped_tile(pid, N, n_cols, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_M: tl.constexpr):
+    """chunk_tile of a GEMM-like program (dz, chunk logits) in grouped order (kernels/schedule.py)."""
+    pid_n, pid_v = grouped(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_M)
+    return chunk_tile(pid_n, pid_v, N, n_cols, BLOCK_N, BLOCK_V)
+
 
 @triton.jit
 def tanh(x):

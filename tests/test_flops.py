@@ -38,21 +38,26 @@ def test_flops_follow_valid_rows(frozen, path, monkeypatch):
     assert (w.grad is None) == frozen
 
 
-def test_expo_vocab_reads_each_head_once_per_pass():
-    """EXPO's exact-KL loss through preference_loss: the forward computes the policy and the
-    reference logits once each (2 + 2), the backward recomputes both once (2 + 2) and does dW
-    and dH (2 + 2): 12 * Nv * D * V in all (three separate primitives would do 22)."""
+def _expo_flops(trainable_head):
+    """(forward FLOPs, backward FLOPs, Nv) of preference_loss(loss_type="expo") on the torch backend."""
     g = torch.Generator().manual_seed(1)
     h = torch.randn(4, 16, D, generator=g, requires_grad=True)
-    w = torch.randn(V, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g, requires_grad=trainable_head)
     rh, rw = torch.randn(4, 16, D, generator=g), torch.randn(V, D, generator=g)
     y = torch.randint(0, V, (4, 16), generator=g)
     y[:, :6] = -100
-    nv = int((y != -100).sum())
     out = {}
     fwd = _count(lambda: out.setdefault("loss", fusedpref.preference_loss(
         h, w, y, loss_type="expo", ref_hidden=rh, ref_weight=rw, backend="torch")[0]))
     bwd = _count(lambda: out["loss"].backward())
+    return fwd, bwd, int((y != -100).sum())
+
+
+def test_expo_vocab_reads_each_head_once_per_pass():
+    """EXPO's exact-KL loss through preference_loss: the forward computes the policy and the
+    reference logits once each (2 + 2), the backward recomputes both once (2 + 2) and does dW
+    and dH (2 + 2): 12 * Nv * D * V in all (three separate primitives would do 22)."""
+    fwd, bwd, nv = _expo_flops(True)
     # + the three row-wise dot products over V (E_ref[r - z] for the KL, E_p[z] for the entropy
     #   metric, sum p^2 for log_sum_sq_probs), which FlopCounterMode counts as einsums: 3 * (2 * Nv * V)
     assert fwd == 4 * nv * D * V + 6 * nv * V
@@ -65,16 +70,7 @@ def test_expo_pass_with_a_frozen_policy_head(path, monkeypatch):
     and the two softmax-weighted sums of the policy's W rows, under p and p_ref (2 + 2), backward
     none: 8 * Nv * D * V; the standard path: forward 4, backward recompute 4 + dH 2 = 10."""
     monkeypatch.setenv("FUSEDPREF_FROZEN", path)
-    g = torch.Generator().manual_seed(1)
-    h = torch.randn(4, 16, D, generator=g, requires_grad=True)
-    w, rh, rw = torch.randn(V, D, generator=g), torch.randn(4, 16, D, generator=g), torch.randn(V, D, generator=g)
-    y = torch.randint(0, V, (4, 16), generator=g)
-    y[:, :6] = -100
-    nv = int((y != -100).sum())
-    out = {}
-    fwd = _count(lambda: out.setdefault("loss", fusedpref.preference_loss(
-        h, w, y, loss_type="expo", ref_hidden=rh, ref_weight=rw, backend="torch")[0]))
-    bwd = _count(lambda: out["loss"].backward())
+    fwd, bwd, nv = _expo_flops(False)
     matmul = 8 if path == "one-pass" else 4
     # + the row-wise dot products over V, counted as einsums (KL, entropy, sum p^2): 3 * (2 * Nv * V)
     assert fwd == matmul * nv * D * V + 6 * nv * V
