@@ -246,7 +246,7 @@ def _(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_in
     n, width = targets.shape[0], hidden.shape[1]
     dt = chunked.acc_dtype(hidden.dtype)
     e = [hidden.new_empty(k, dtype=dt) for k in (n, n, n, n if with_logp else 0, n if with_logp else 0)]
-    return (*e, hidden.new_empty((n, 4) if with_stats else (0,), dtype=dt),
+    return (*e, hidden.new_empty((n, N_STATS) if with_stats else (0,), dtype=dt),
             hidden.new_empty((n, width) if with_logp else (0,), dtype=dt), hidden.new_empty((n, width), dtype=dt))
 
 

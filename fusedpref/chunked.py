@@ -198,9 +198,6 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b, scale=
     return head_backward(h, w, need_h, need_w, need_b, chunk_dz)
 
 
-DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
-
-
 def _log_mixture(logp, logq, beta):
     return torch.logaddexp(logp + math.log1p(-beta), logq + math.log(beta))
 

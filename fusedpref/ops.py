@@ -20,7 +20,6 @@ from .kernels.frozen import KL_FIELDS as FROZEN_KL_FIELDS
 from .kernels.kl import PLANES as KL_PLANES
 
 
-N_STATS = 4     # columns of the statistics: sum of logits, entropy, argmax hit, log sum_v p^2
 N_PLANES = 7    # planes of logprob_fwd_kernel's partials (kl_fwd_kernel's 0..6 are the same)
 
 
@@ -161,6 +160,22 @@ def _chunk_logits(h, w, b, z_buf, v0, v1, softcap, scale):
     return tmax.amax(0)
 
 
+def _fold_tiles(part, arg, c, tile_part, tile_arg, fields, sums_of):
+    """Chunk c's partials (planes of KL_PLANES; 0..6 are logprob_fwd_kernel's) from its tiles',
+    which share the chunk's reference maxes: the named sums of (plane, field) pairs and, with
+    tile_arg, the statistics (sums, and the max and argmax of the first tile holding the max)."""
+    sums = tile_part.sum(1)
+    for plane, field in sums_of:
+        part[KL_PLANES[plane], c] = sums[fields[field]]
+    if tile_arg is not None:
+        for plane in ("zsum", "pz", "q"):
+            part[KL_PLANES[plane], c] = sums[fields[plane]]
+        amax = tile_part[fields["amax"]]
+        best = amax.argmax(0, keepdim=True)
+        part[KL_PLANES["amax"], c] = amax.gather(0, best).squeeze(0)
+        arg[c] = tile_arg.gather(0, best).squeeze(0)
+
+
 def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
     """The frozen-head forward (kernels/frozen.py): logp, lse [Nv], stats [Nv, 4] or None as
     logprob_forward, and the direction d [Nv, D] fp32 with dlogp_i / dh_i = d_i, from one sweep
@@ -193,16 +208,8 @@ def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
             softcap=xf["softcap"], scale=xf["scale"], HAS_SOFTCAP=xf["HAS_SOFTCAP"], HAS_SCALE=xf["HAS_SCALE"],
             STATS=with_stats, BLOCK_N=pt.BLOCK_N, BLOCK_V=pt.BLOCK_V, num_warps=pt.num_warps,
         )
-        # the chunk's tiles share the reference max m_new: their partials add up
-        part[0, c], part[1, c] = m_new, tile_part[FROZEN_FIELDS["l"]].sum(0)
-        part[2, c] = tile_part[FROZEN_FIELDS["zy"]].sum(0)
-        if with_stats:
-            for plane, field in ((3, "zsum"), (4, "pz"), (6, "q")):
-                part[plane, c] = tile_part[FROZEN_FIELDS[field]].sum(0)
-            amax = tile_part[FROZEN_FIELDS["amax"]]
-            best = amax.argmax(0, keepdim=True)                 # first tile holding the max
-            part[5, c] = amax.gather(0, best).squeeze(0)
-            arg[c] = tile_arg.gather(0, best).squeeze(0)
+        part[KL_PLANES["m_z"], c] = m_new
+        _fold_tiles(part, arg, c, tile_part, tile_arg, FROZEN_FIELDS, (("l_z", "l"), ("zy", "zy")))
         alpha = torch.exp(m_run - m_new)                        # 0 before the first chunk
         _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc, row_scale=alpha)
         m_run = m_new
@@ -243,9 +250,6 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b, scale=
         return run(_tiles(kind, h, (triton.next_power_of_2(n), v1 - v0, d), run))
 
     return chunked_head_backward(h, w, need_h, need_w, need_b, fill)
-
-
-DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
 def _jsd_logs(beta):
@@ -362,17 +366,9 @@ def kl_forward_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *,
             softcap=xf["softcap"], scale=xf["scale"], HAS_SOFTCAP=xf["HAS_SOFTCAP"], HAS_SCALE=xf["HAS_SCALE"],
             STATS=with_stats, BLOCK_N=pt.BLOCK_N, BLOCK_V=pt.BLOCK_V, num_warps=pt.num_warps,
         )
-        sums = tile_part.sum(1)
         part[KL_PLANES["m_z"], c], part[KL_PLANES["m_r"], c] = mz_new, mr_new
-        for plane, field in (("l_z", "l"), ("zy", "zy"), ("l_r", "l_r"), ("ry", "ry"), ("a", "a")):
-            part[KL_PLANES[plane], c] = sums[K[field]]
-        if with_stats:
-            for plane, field in (("zsum", "zsum"), ("pz", "pz"), ("q", "q")):
-                part[KL_PLANES[plane], c] = sums[K[field]]
-            amax = tile_part[K["amax"]]
-            best = amax.argmax(0, keepdim=True)
-            part[KL_PLANES["amax"], c] = amax.gather(0, best).squeeze(0)
-            arg[c] = tile_arg.gather(0, best).squeeze(0)
+        _fold_tiles(part, arg, c, tile_part, tile_arg, K,
+                    (("l_z", "l"), ("zy", "zy"), ("l_r", "l_r"), ("ry", "ry"), ("a", "a")))
         _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc_p, row_scale=torch.exp(mz_run - mz_new))
         _mm_acc(q_buf[:, : v1 - v0], w[v0:v1], acc_q, row_scale=torch.exp(mr_run - mr_new))
         mz_run, mr_run = mz_new, mr_new
@@ -389,9 +385,10 @@ def _jsd_forward(heads, strides, flags, lse, rlse, n, vocab, d, rd, beta, device
     tiles = config.tiles("kl_fwd", device, heads[0].dtype)
     n_blocks, v_per_split, splits = _splits(n, vocab, d, max(elem, ref_elem), tiles, device)
     part = config.empty((2, splits, n), torch.float32, device)
+    log_1mb, log_b = _jsd_logs(beta)
     jsd_fwd_kernel[(n_blocks * splits,)](
         *heads, lse, rlse, part, n, vocab, d, rd, v_per_split, splits, *strides, beta=beta,
-        log_1mb=_jsd_logs(beta)[0], log_b=_jsd_logs(beta)[1], **flags, **tiles.constexprs(), **tiles.launch(),
+        log_1mb=log_1mb, log_b=log_b, **flags, **tiles.constexprs(), **tiles.launch(),
     )
     return part[0].sum(0), part[1].sum(0)
 
