@@ -110,6 +110,13 @@ class _OnlinePass:
     def lse(self):
         return self.m + torch.log(self.l)
 
+    def planes(self):
+        """The partials of fusedpref/_partials.py, relative to this pass's max: [3 or 7, Nv]
+        (m, l, zy, and with stats zsum, pz, amax, q) and the argmax ids [Nv] or None."""
+        if not self.with_stats:
+            return torch.stack([self.m, self.l, self.zy]), None
+        return torch.stack([self.m, self.l, self.zy, self.zsum, self.pz, self.amax, self.q]), self.aidx
+
     def logp(self):
         return self.zy - self.lse()
 
@@ -121,12 +128,23 @@ class _OnlinePass:
                             torch.log(self.q) - 2.0 * torch.log(self.l)], dim=1)
 
 
-def logprob_forward(h, w, b, y, softcap, with_stats: bool, scale=None):
+def _logprob_pass(h, w, b, y, softcap, with_stats, scale):
     hf = h.to(acc_dtype(h.dtype))
     pol = _OnlinePass(h.shape[0], h.device, y, with_stats, hf.dtype)
     for v0, v1 in vocab_chunks(w.shape[0], _cols(h.shape[0], w.shape[0], h.dtype, cuda=h.is_cuda)):
         pol.add(chunk_logits(hf, w, b, softcap, v0, v1, scale), v0, v1)
+    return pol
+
+
+def logprob_forward(h, w, b, y, softcap, with_stats: bool, scale=None):
+    pol = _logprob_pass(h, w, b, y, softcap, with_stats, scale)
     return pol.logp(), pol.lse(), pol.stats()
+
+
+def logprob_partials(h, w, b, y, softcap, with_stats: bool, scale=None):
+    """As fusedpref.ops.logprob_partials: ([3 or 7, Nv] partials, argmax ids [Nv] or None);
+    targets outside [0, V) have no target logit."""
+    return _logprob_pass(h, w, b, y, softcap, with_stats, scale).planes()
 
 
 def frozen_direction(w, y, zy, acc, total, softcap, scale):
@@ -210,31 +228,21 @@ def kl_forward_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *,
                       ref_scale=ref_scale, frozen=True)
 
 
-def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
-               ref_scale=None, div=0, beta=0.5, frozen=False):
-    """As fusedpref.ops.kl_forward: (div, lse, rlse, logp, ref_logp, stats, aux).
-
-    The KL is E[(r - m_r) - (z - m_z)] - log l_r + log l_z (or the reverse), with the
-    expectation accumulated relative to both running maxes (a = sum_v exp(r - m_r)
-    ((r - m_r) - (z - m_z))), so that nothing of the size of the logits cancels at the end
-    (|z| ~ 1e3 keeps fp32 accuracy). The JSD (div 2) takes a second pass, given both lse."""
+def _kl_sweep(h, w, b, rh, rw, rb, softcap, y, with_stats, scale, ref_softcap, ref_scale, div, frozen):
+    """The two-head pass: (policy pass, reference pass, a, acc_p, acc_q), a relative to both final
+    maxes (div 2: none), acc_* the frozen head's softmax-weighted sums of W rows (frozen only)."""
     n = h.shape[0]
     hf = h.to(acc_dtype(h.dtype))
     rhf = rh.to(hf.dtype)
     pol = _OnlinePass(n, h.device, y, with_stats, hf.dtype)
     ref = _OnlinePass(n, h.device, y, dtype=hf.dtype)
     a = torch.zeros(n, device=h.device, dtype=hf.dtype)
-    cols = _cols(n, w.shape[0], h.dtype, parts=2, cuda=h.is_cuda)    # two heads' chunks live at once
+    acc_p = acc_q = None
     if frozen:   # the softmax-weighted sums of the policy's W rows under p and p_ref (div 0 only)
         acc_p = torch.zeros(h.shape, device=h.device, dtype=hf.dtype)
         acc_q = torch.zeros_like(acc_p)
-
-    def both(v0, v1):
-        return (chunk_logits(hf, w, b, softcap, v0, v1, scale),
-                chunk_logits(rhf, rw, rb, ref_softcap, v0, v1, ref_scale))
-
-    for v0, v1 in vocab_chunks(w.shape[0], cols):
-        z, r = both(v0, v1)
+    for v0, v1 in vocab_chunks(w.shape[0], _kl_cols(h, w)):
+        z, r = _both_logits(hf, w, b, rhf, rw, rb, softcap, scale, ref_softcap, ref_scale, v0, v1)
         if div == 2:
             ref.add(r, v0, v1)
             pol.add(z, v0, v1)
@@ -255,19 +263,65 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=
             wc = w[v0:v1].to(hf.dtype)
             acc_p = torch.addmm(acc_p.mul_(alpha_z[:, None]), p_z if chain is None else p_z * chain, wc)
             acc_q = torch.addmm(acc_q.mul_(alpha_r[:, None]), p_r if chain is None else p_r * chain, wc)
+    return pol, ref, a, acc_p, acc_q
+
+
+def _kl_cols(h, w):
+    return _cols(h.shape[0], w.shape[0], h.dtype, parts=2, cuda=h.is_cuda)    # two heads' chunks live at once
+
+
+def _both_logits(hf, w, b, rhf, rw, rb, softcap, scale, ref_softcap, ref_scale, v0, v1):
+    return (chunk_logits(hf, w, b, softcap, v0, v1, scale),
+            chunk_logits(rhf, rw, rb, ref_softcap, v0, v1, ref_scale))
+
+
+def kl_partials(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
+                ref_scale=None, div=0):
+    """As fusedpref.ops.kl_partials: ([11, Nv] partials, argmax ids [Nv] or None)."""
+    pol, ref, a, _, _ = _kl_sweep(h, w, b, rh, rw, rb, softcap, y, with_stats, scale, ref_softcap, ref_scale, div,
+                                  False)
+    planes, arg = pol.planes()
+    if not with_stats:
+        planes = torch.cat([planes, planes.new_zeros((4, planes.shape[1]))])
+    if y is None:
+        planes[2] = 0.0
+    ry = ref.zy if y is not None else torch.zeros_like(a)
+    return torch.cat([planes, torch.stack([ref.m, ref.l, a, ry])]), arg
+
+
+def jsd_sums(h, w, b, rh, rw, rb, lse, rlse, softcap, *, scale=None, ref_softcap=None, ref_scale=None, beta=0.5):
+    """As fusedpref.ops.jsd_sums: (jsd, KL(p || m)) [Nv] over w's vocabulary, given both lse."""
+    hf = h.to(acc_dtype(h.dtype))
+    rhf = rh.to(hf.dtype)
+    lse, rlse = lse.to(hf.dtype), rlse.to(hf.dtype)
+    jsd = torch.zeros(h.shape[0], device=h.device, dtype=hf.dtype)
+    kls = torch.zeros_like(jsd)
+    for v0, v1 in vocab_chunks(w.shape[0], _kl_cols(h, w)):
+        z, r = _both_logits(hf, w, b, rhf, rw, rb, softcap, scale, ref_softcap, ref_scale, v0, v1)
+        lp, lq = z.sub_(lse[:, None]), r.sub_(rlse[:, None])
+        lm = _log_mixture(lp, lq, beta)
+        kl_p = (lp.exp() * (lp - lm)).sum(1)
+        kls += kl_p
+        jsd += beta * (lq.exp() * (lq - lm)).sum(1) + (1.0 - beta) * kl_p
+    return jsd, kls
+
+
+def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
+               ref_scale=None, div=0, beta=0.5, frozen=False):
+    """As fusedpref.ops.kl_forward: (div, lse, rlse, logp, ref_logp, stats, aux).
+
+    The KL is E[(r - m_r) - (z - m_z)] - log l_r + log l_z (or the reverse), with the
+    expectation accumulated relative to both running maxes (a = sum_v exp(r - m_r)
+    ((r - m_r) - (z - m_z))), so that nothing of the size of the logits cancels at the end
+    (|z| ~ 1e3 keeps fp32 accuracy). The JSD (div 2) takes a second pass, given both lse."""
+    pol, ref, a, acc_p, acc_q = _kl_sweep(h, w, b, rh, rw, rb, softcap, y, with_stats, scale, ref_softcap,
+                                          ref_scale, div, frozen)
     lse, rlse = pol.lse(), ref.lse()
     logp_on = y is not None
     logp, ref_logp = (pol.logp(), ref.logp()) if logp_on else (None, None)
     if div == 2:
-        jsd = torch.zeros(n, device=h.device, dtype=hf.dtype)
-        kls = torch.zeros_like(jsd)
-        for v0, v1 in vocab_chunks(w.shape[0], cols):
-            z, r = both(v0, v1)
-            lp, lq = z.sub_(lse[:, None]), r.sub_(rlse[:, None])
-            lm = _log_mixture(lp, lq, beta)
-            kl_p = (lp.exp() * (lp - lm)).sum(1)
-            kls += kl_p
-            jsd += beta * (lq.exp() * (lq - lm)).sum(1) + (1.0 - beta) * kl_p
+        jsd, kls = jsd_sums(h, w, b, rh, rw, rb, lse, rlse, softcap, scale=scale, ref_softcap=ref_softcap,
+                            ref_scale=ref_scale, beta=beta)
         return jsd, lse, rlse, logp, ref_logp, pol.stats(), kls
     if div == 0:
         kl = a / ref.l - torch.log(ref.l) + torch.log(pol.l)

@@ -12,6 +12,7 @@ import triton
 
 from . import config, schedule
 from ._chunks import vocab_chunk_cols, vocab_chunks
+from ._partials import finish_kl, finish_logprob, merge
 from .chunked import frozen_direction
 from .kernels import (chunk_kl_probs_kernel, chunk_logits_kernel, chunk_probs_kernel, jsd_fwd_kernel, kl_dz_kernel, kl_fwd_kernel,
                       logprob_dz_kernel, logprob_fwd_kernel, mm_acc_kernel)
@@ -42,31 +43,9 @@ def _tiles(kernel: str, h: torch.Tensor, shape_key, run):
     return config.tiles(kernel, h.device, h.dtype)
 
 
-def _lse(m, l):
-    """Log-sum-exp from per-split (max, sum of exp(z - max)) [split, row]; also the per-split
-    rescaling factors and the combined sum (relative to the overall max)."""
-    big = m.amax(0)
-    scale = torch.exp(m - big)
-    total = (l * scale).sum(0)
-    return big + torch.log(total), scale, total
-
-
 def combine_splits(part: torch.Tensor, arg: torch.Tensor | None, y: torch.Tensor):
-    """Merges per-split partials [field, split, row] into lse, logp and optional stats [n, 4]."""
-    lse, scale, total = _lse(part[0], part[1])
-    logp = part[2].sum(0) - lse
-    stats = None
-    if arg is not None:
-        logit_sum = part[3].sum(0)
-        # per split S_s = sum exp(z - m_s)(z - m_s); shifted to the overall max M:
-        # sum exp(z - M)(z - M) = sum_s scale_s (S_s + (m_s - M) l_s); H = log total - that / total
-        shifted = (scale * (part[4] + (part[0] - part[0].amax(0)) * part[1])).sum(0)
-        entropy = torch.log(total) - shifted / total
-        best = part[5].argmax(0, keepdim=True)          # first split holding the max
-        hit = (arg.gather(0, best).squeeze(0).long() == y).float()
-        log_sq = torch.log((part[6] * scale * scale).sum(0)) - 2.0 * torch.log(total)
-        stats = torch.stack([logit_sum, entropy, hit, log_sq], dim=1)
-    return logp, lse, stats
+    """Merges per-split partials [field, split, row] into logp, lse and optional stats [n, 4]."""
+    return finish_logprob(*merge(part, arg), y)
 
 
 def _splits(n, vocab, d, elem, tiles, device):
@@ -77,9 +56,10 @@ def _splits(n, vocab, d, elem, tiles, device):
     return schedule.split_layout(n, vocab, tiles.BLOCK_N, tiles.BLOCK_V, splits)
 
 
-def logprob_forward(h, w, b, y, softcap, with_stats: bool, scale=None):
-    """logp [Nv], lse [Nv] (fp32) and, with_stats, [Nv, 4] = (sum_v z, entropy, argmax hit,
-    log sum_v p^2); logits softcap(h w^T + b) * scale."""
+def logprob_partials(h, w, b, y, softcap, with_stats: bool, scale=None):
+    """The forward's per-row partials merged over its splits (fusedpref/_partials.py): ([3 or 7, Nv],
+    argmax ids [Nv] or None); logits softcap(h w^T + b) * scale. Targets y outside [0, V) have no
+    target logit (zy = 0): a vocabulary shard's rows whose target another rank holds."""
     n, d = h.shape
     vocab = w.shape[0]
     nf = N_PLANES if with_stats else 3
@@ -98,8 +78,13 @@ def logprob_forward(h, w, b, y, softcap, with_stats: bool, scale=None):
         return part, arg
 
     tiles = _tiles("fwd_stats" if with_stats else "fwd", h, (triton.next_power_of_2(n), vocab, d, with_stats), run)
-    part, arg = run(tiles)
-    return combine_splits(part, arg, y)
+    return merge(*run(tiles))
+
+
+def logprob_forward(h, w, b, y, softcap, with_stats: bool, scale=None):
+    """logp [Nv], lse [Nv] (fp32) and, with_stats, [Nv, 4] = (sum_v z, entropy, argmax hit,
+    log sum_v p^2); logits softcap(h w^T + b) * scale."""
+    return finish_logprob(*logprob_partials(h, w, b, y, softcap, with_stats, scale), y)
 
 
 def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor | None = None):
@@ -213,9 +198,10 @@ def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
         alpha = torch.exp(m_run - m_new)                        # 0 before the first chunk
         _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc, row_scale=alpha)
         m_run = m_new
-    logp, lse, stats = combine_splits(part, arg, y)
-    _, _, total = _lse(part[0], part[1])
-    return logp, lse, stats, frozen_direction(w, y, part[2].sum(0), acc, total, softcap, scale)
+    merged, best = merge(part, arg)
+    logp, lse, stats = finish_logprob(merged, best, y)
+    return logp, lse, stats, frozen_direction(w, y, merged[KL_PLANES["zy"]], acc, merged[KL_PLANES["l_z"]],
+                                              softcap, scale)
 
 
 def _stats_grad_args(g_stats, stats, fallback):
@@ -256,15 +242,10 @@ def _jsd_logs(beta):
     return math.log1p(-beta), math.log(beta)
 
 
-def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
-               ref_scale=None, div=0, beta=0.5):
-    """Per-row divergence [Nv] between the policy head (h, w, b, softcap, scale) and the
-    reference head (rh, rw, rb, ref_softcap, ref_scale): div 0 KL(p_ref || p), 1 KL(p || p_ref),
-    2 the generalised JSD with mixture (1 - beta) p + beta p_ref; with targets y also both heads'
-    log-probs [Nv], and with_stats the policy's stats [Nv, 4] (as logprob_forward) — all from one
-    pass over both heads (the JSD adds a second). Returns (div, lse, rlse, logp, ref_logp, stats,
-    aux), None where not asked for; aux is what the backward needs besides lse, rlse (div 1: the
-    KL, div 2: KL(p || m)), else None."""
+def kl_partials(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
+                ref_scale=None, div=0):
+    """The two-head forward's per-row partials merged over its splits: ([11, Nv] planes of
+    fusedpref/_partials.py, argmax ids [Nv] or None); the a plane is divergence div's (none for 2)."""
     n, d = h.shape
     vocab = w.shape[0]
     logp_on = y is not None
@@ -274,52 +255,44 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=
     n_blocks, v_per_split, splits = _splits(n, vocab, d, max(h.element_size(), rh.element_size()), tiles, h.device)
     part = config.empty((len(KL_PLANES), splits, n), torch.float32, h.device)
     arg = config.empty((splits, n), torch.int32, h.device) if with_stats else None
+    heads, strides, flags = _two_heads(h, w, b, rh, rw, rb, softcap, scale, ref_softcap, ref_scale)
+    kl_fwd_kernel[(n_blocks * splits,)](
+        *heads, y if logp_on else part, part, arg if arg is not None else part,
+        n, vocab, d, rh.shape[1], v_per_split, splits, *strides,
+        KL_DIR=div, LOGP=logp_on, STATS=with_stats, **flags, **tiles.constexprs(), **tiles.launch(),
+    )
+    if not logp_on:
+        part[KL_PLANES["zy"]], part[KL_PLANES["ry"]] = 0.0, 0.0
+    return merge(part, arg, div)
+
+
+def _two_heads(h, w, b, rh, rw, rb, softcap, scale, ref_softcap, ref_scale):
+    """(pointers, strides, flags) of a two-head kernel launch."""
     heads = (h, w, b if b is not None else h, rh, rw, rb if rb is not None else rh)
     strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1), rh.stride(0), rh.stride(1), rw.stride(0),
                rw.stride(1))
     flags = dict(HAS_BIAS=b is not None, HAS_REF_BIAS=rb is not None, **_xf(softcap, scale),
                  **_xf(ref_softcap, ref_scale, ref=True), DOT_FP32=_dot_fp32(h.dtype),
                  REF_DOT_FP32=_dot_fp32(rh.dtype))
-    kl_fwd_kernel[(n_blocks * splits,)](
-        *heads, y if logp_on else part, part, arg if arg is not None else part,
-        n, vocab, d, rh.shape[1], v_per_split, splits, *strides,
-        KL_DIR=div, LOGP=logp_on, STATS=with_stats, **flags, **tiles.constexprs(), **tiles.launch(),
-    )
-    out = _kl_combine(part, arg, y if logp_on else None, div)
+    return heads, strides, flags
+
+
+def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
+               ref_scale=None, div=0, beta=0.5):
+    """Per-row divergence [Nv] between the policy head (h, w, b, softcap, scale) and the
+    reference head (rh, rw, rb, ref_softcap, ref_scale): div 0 KL(p_ref || p), 1 KL(p || p_ref),
+    2 the generalised JSD with mixture (1 - beta) p + beta p_ref; with targets y also both heads'
+    log-probs [Nv], and with_stats the policy's stats [Nv, 4] (as logprob_forward) — all from one
+    pass over both heads (the JSD adds a second). Returns (div, lse, rlse, logp, ref_logp, stats,
+    aux), None where not asked for; aux is what the backward needs besides lse, rlse (div 1: the
+    KL, div 2: KL(p || m)), else None."""
+    merged, arg = kl_partials(h, w, b, rh, rw, rb, softcap, y, with_stats, scale=scale, ref_softcap=ref_softcap,
+                              ref_scale=ref_scale, div=div)
+    out = finish_kl(merged, arg, y, div)
     if div == 2:
-        jsd, aux = _jsd_forward(heads, strides, flags, out["lse"], out["rlse"], n, vocab, d, rh.shape[1], beta,
-                                h.device, h.element_size(), rh.element_size())
-        out["div"], out["aux"] = jsd, aux
+        out["div"], out["aux"] = jsd_sums(h, w, b, rh, rw, rb, out["lse"], out["rlse"], softcap, scale=scale,
+                                          ref_softcap=ref_softcap, ref_scale=ref_scale, beta=beta)
     return tuple(out[k] for k in ("div", "lse", "rlse", "logp", "ref_logp", "stats", "aux"))
-
-
-def _kl_combine(part, arg, y, div):
-    """Merges two-head partials [KL_PLANES, split, row] (each split relative to its own maxes):
-    dict of div (None for the JSD), lse, rlse, logp, ref_logp, stats (None where not asked for),
-    aux (div 1: the KL) and ztotal, rtotal (the sums of exp relative to the global maxes)."""
-    out = dict(logp=None, stats=None, ref_logp=None, aux=None, div=None)
-    if y is not None:  # planes 0..6 are laid out as logprob_fwd_kernel's
-        out["logp"], out["lse"], out["stats"] = combine_splits(part[:N_PLANES], arg, y)
-    else:
-        out["lse"], _, _ = _lse(part[KL_PLANES["m_z"]], part[KL_PLANES["l_z"]])
-    m_z, m_r = part[KL_PLANES["m_z"]], part[KL_PLANES["m_r"]]
-    out["rlse"], rscale, rtotal = _lse(m_r, part[KL_PLANES["l_r"]])
-    _, zscale, ztotal = _lse(m_z, part[KL_PLANES["l_z"]])
-    out["ztotal"], out["rtotal"] = ztotal, rtotal
-    if y is not None:
-        out["ref_logp"] = part[KL_PLANES["ry"]].sum(0) - out["rlse"]
-    if div == 2:
-        return out
-    # each split's a is relative to its own maxes: move it to the global ones, then
-    # KL(ref || pol) = a / l_r - log l_r + log l_z, KL(pol || ref) = a / l_z - log l_z + log l_r
-    shift = (m_r - m_r.amax(0)) - (m_z - m_z.amax(0))
-    if div == 0:
-        a = (rscale * (part[KL_PLANES["a"]] + part[KL_PLANES["l_r"]] * shift)).sum(0)
-        out["div"] = a / rtotal - torch.log(rtotal) + torch.log(ztotal)
-    else:
-        a = (zscale * (part[KL_PLANES["a"]] - part[KL_PLANES["l_z"]] * shift)).sum(0)
-        out["div"] = out["aux"] = a / ztotal - torch.log(ztotal) + torch.log(rtotal)
-    return out
 
 
 def kl_forward_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
@@ -372,7 +345,7 @@ def kl_forward_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *,
         _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc_p, row_scale=torch.exp(mz_run - mz_new))
         _mm_acc(q_buf[:, : v1 - v0], w[v0:v1], acc_q, row_scale=torch.exp(mr_run - mr_new))
         mz_run, mr_run = mz_new, mr_new
-    out = _kl_combine(part, arg, y, 0)
+    out = finish_kl(*merge(part, arg, 0), y, 0)
     ep = acc_p / out["ztotal"][:, None]
     d_kl = ep - acc_q / out["rtotal"][:, None]
     d_lp = frozen_direction(w, y, part[KL_PLANES["zy"]].sum(0), acc_p, out["ztotal"], softcap, scale) if logp_on \
@@ -380,15 +353,20 @@ def kl_forward_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *,
     return out["div"], out["lse"], out["rlse"], out["logp"], out["ref_logp"], out["stats"], d_lp, d_kl
 
 
-def _jsd_forward(heads, strides, flags, lse, rlse, n, vocab, d, rd, beta, device, elem, ref_elem):
-    """The generalised JSD's second pass: (jsd, KL(p || m)) [Nv]."""
-    tiles = config.tiles("kl_fwd", device, heads[0].dtype)
-    n_blocks, v_per_split, splits = _splits(n, vocab, d, max(elem, ref_elem), tiles, device)
-    part = config.empty((2, splits, n), torch.float32, device)
+def jsd_sums(h, w, b, rh, rw, rb, lse, rlse, softcap, *, scale=None, ref_softcap=None, ref_scale=None, beta=0.5):
+    """The generalised JSD's second pass given both heads' lse [Nv]: (jsd, KL(p || m)) [Nv], sums
+    over the vocabulary of w (a shard's part of the sums, given the global lse)."""
+    n, d = h.shape
+    heads, strides, flags = _two_heads(h, w, b, rh, rw, rb, softcap, scale, ref_softcap, ref_scale)
+    tiles = config.tiles("kl_fwd", h.device, h.dtype)
+    n_blocks, v_per_split, splits = _splits(n, w.shape[0], d, max(h.element_size(), rh.element_size()), tiles,
+                                            h.device)
+    part = config.empty((2, splits, n), torch.float32, h.device)
     log_1mb, log_b = _jsd_logs(beta)
     jsd_fwd_kernel[(n_blocks * splits,)](
-        *heads, lse, rlse, part, n, vocab, d, rd, v_per_split, splits, *strides, beta=beta,
-        log_1mb=log_1mb, log_b=log_b, **flags, **tiles.constexprs(), **tiles.launch(),
+        *heads, lse.float().contiguous(), rlse.float().contiguous(), part, n, w.shape[0], d, rh.shape[1],
+        v_per_split, splits, *strides, beta=beta, log_1mb=log_1mb, log_b=log_b, **flags, **tiles.constexprs(),
+        **tiles.launch(),
     )
     return part[0].sum(0), part[1].sum(0)
 
