@@ -22,8 +22,9 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def check_head(hidden, weight, bias, *, names=("hidden", "weight", "bias")):
-    """Checks one linear head: hidden [..., D], weight [V, D], bias [V] or None."""
+def check_head(hidden, weight, bias, *, names=("hidden", "weight", "bias"), allow_empty=False):
+    """Checks one linear head: hidden [..., D], weight [V, D], bias [V] or None (V = 0 only with
+    allow_empty: a vocabulary shard)."""
     hn, wn, bn = names
     for name, t in ((hn, hidden), (wn, weight)):
         if not isinstance(t, torch.Tensor):
@@ -43,7 +44,7 @@ def check_head(hidden, weight, bias, *, names=("hidden", "weight", "bias")):
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{wn} has D={weight.shape[1]} but {hn} has D={hidden.shape[-1]} "
                          f"(shapes {_shape(weight)} and {_shape(hidden)})")
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{wn} must have at least one vocabulary row, got {_shape(weight)}")
     if weight.device != hidden.device:
         raise ValueError(f"{wn} is on {weight.device} but {hn} is on {hidden.device}")

@@ -11,16 +11,30 @@ import warnings
 import torch
 
 from ._checks import BACKENDS, check_head, check_ignore_index, check_softcap, check_targets
-from .functions import LinearLogProbs, LinearLogProbsKL, _autocast, _check_ref
+from . import distributed
+from .functions import LinearLogProbs, LinearLogProbsKL, _autocast, _check_group, _check_ref
 from .losses import LOSSES, NLL_LOSSES, Pairs, check_loss_args
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats):
+def _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats, group=None,
+                    reduce_hidden_grad=True):
     logp, stats = LinearLogProbs.apply(hidden, weight, targets, bias, ignore_index, softcap,
-                                       backend, with_stats)
+                                       backend, with_stats, None, group, reduce_hidden_grad)
     return logp.sum(-1), stats
+
+
+def _resolve(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group, reduce_hidden_grad):
+    """DTensor heads resolved once per call (fusedpref.distributed.resolve) and the group checked."""
+    _check_group(process_group, reduce_hidden_grad)
+    if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
+        ref = None if ref_weight is None else (ref_weight, ref_bias)
+        hidden, (pol, ref), process_group = distributed.resolve(
+            hidden, [(weight, bias), ref], process_group, [("weight", "bias"), ("ref_weight", "ref_bias")])
+        (weight, bias), (ref_weight, ref_bias) = pol, ref if ref is not None else (None, ref_bias)
+        ref_hidden = distributed.resolve_hidden(ref_hidden, "ref_hidden")
+    return hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group
 
 
 def _check_batch(hidden, name="hidden", paired=True):
@@ -47,7 +61,8 @@ def _warn_empty(mask, kind):
                       "their length counts as 1 in length-normalised losses", UserWarning, stacklevel=3)
 
 
-def _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, needs_ref, types, rows="2B"):
+def _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, needs_ref, types, rows="2B",
+              sharded=False):
     """Checks the reference inputs: a head (ref_hidden, ref_weight, ref_bias) or ref_logps [n]."""
     has_head = ref_hidden is not None or ref_weight is not None
     if has_head and ref_logps is not None:
@@ -59,7 +74,7 @@ def _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, ne
     if needs_ref and not has_head and ref_logps is None:
         raise ValueError(f"loss_type {types} needs a reference: pass ref_logps [{n}] or ref_hidden/ref_weight")
     if has_head:
-        _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias)
+        _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias, sharded)
     if ref_logps is not None and (not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (n,)
                                   or not ref_logps.is_floating_point()):
         raise ValueError(f"ref_logps must be a floating tensor of shape [{rows}]=[{n}], got "
@@ -68,20 +83,24 @@ def _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, ne
 
 
 def reference_logps(ref_hidden, ref_weight, targets, *, ref_bias=None, ignore_index=-100, softcap=None,
-                    backend="auto"):
-    """Sequence log-probs [2B] of a reference head, forward only: no graph, nothing saved."""
+                    backend="auto", process_group=None):
+    """Sequence log-probs [2B] of a reference head, forward only: no graph, nothing saved.
+    process_group: ref_weight (ref_bias) is this rank's vocabulary shard (README "Distributed")."""
+    ref_hidden, ref_weight, ref_bias, _, _, _, process_group = _resolve(ref_hidden, ref_weight, ref_bias, None, None,
+                                                                        None, process_group, True)
     ref_hidden, ref_weight, ref_bias = _autocast(ref_hidden, ref_weight, ref_bias)
     names = ("ref_hidden", "ref_weight", "ref_bias")
-    check_head(ref_hidden, ref_weight, ref_bias, names=names)
+    check_head(ref_hidden, ref_weight, ref_bias, names=names, allow_empty=process_group is not None)
     check_targets(ref_hidden, targets, names=("ref_hidden", "targets"))
     with torch.no_grad():
         logps, _ = _sequence_logps(ref_hidden.detach(), ref_weight.detach(), targets,
                                    None if ref_bias is None else ref_bias.detach(),
-                                   ignore_index, softcap, backend, False)
+                                   ignore_index, softcap, backend, False, process_group)
     return logps
 
 
-def _nll(hidden, weight, bias, targets, nll_targets, mask, b, ignore_index, softcap, backend, logps):
+def _nll(hidden, weight, bias, targets, nll_targets, mask, b, ignore_index, softcap, backend, logps, group=None,
+         reduce_hidden_grad=True):
     """TRL's NLL term: minus the mean log-prob over the chosen completion tokens of the batch
     (the true token count: empty rows add nothing), or over nll_targets [B, T] (e.g. prompt +
     completion, as ORPOTrainer) on the chosen rows' hidden states. 0 when there is no token."""
@@ -93,7 +112,8 @@ def _nll(hidden, weight, bias, targets, nll_targets, mask, b, ignore_index, soft
                          f"(or [2B, T], of which the chosen rows are used), got "
                          f"{getattr(nll_targets, 'shape', type(nll_targets).__name__)}")
     nt = nll_targets[:b]
-    tok, _ = LinearLogProbs.apply(hidden[:b], weight, nt, bias, ignore_index, softcap, backend, False)
+    tok, _ = LinearLogProbs.apply(hidden[:b], weight, nt, bias, ignore_index, softcap, backend, False, None, group,
+                                  reduce_hidden_grad)
     return -tok.sum() / (nt != ignore_index).sum().clamp(min=1).to(tok.dtype)
 
 
@@ -101,20 +121,26 @@ def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, b
                     ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None,
                     ignore_index=-100, softcap=None, label_smoothing=0.0, loss_weights=None,
                     reduction="mean", backend="auto", average_log_prob=False, nll_targets=None,
-                    **loss_specific):
-    """Fused preference loss. Returns (loss, metrics); see README for every loss type."""
+                    process_group=None, reduce_hidden_grad=True, **loss_specific):
+    """Fused preference loss. Returns (loss, metrics); see README for every loss type.
+    process_group: vocabulary-parallel heads (weight, bias, ref_weight, ref_bias this rank's
+    shards; hidden, targets the same on every rank); DTensor heads are resolved once per call
+    (README "Distributed")."""
     types, weights, params = check_loss_args(loss_type, loss_weights, label_smoothing, beta, loss_specific,
                                              average_log_prob)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     ignore_index = check_ignore_index(ignore_index)
     _check_batch(hidden)
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, group = _resolve(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group, reduce_hidden_grad)
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _autocast(hidden, weight, bias, ref_hidden,
                                                                        ref_weight, ref_bias)
-    check_head(hidden, weight, bias)
+    check_head(hidden, weight, bias, allow_empty=group is not None)
     two_b = hidden.shape[0]
     needs_ref = any(LOSSES[t].needs_ref for t in types)
-    has_fused_ref = _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, two_b, needs_ref, types)
+    has_fused_ref = _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, two_b, needs_ref, types,
+                              sharded=group is not None)
     if nll_targets is not None and not set(types) & NLL_LOSSES:
         raise ValueError(f"nll_targets is used by the NLL term of {sorted(NLL_LOSSES)}, not by loss_type {types}")
 
@@ -129,15 +155,16 @@ def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, b
         # statistics), the reference's, and EXPO's exact vocabulary KL(p_ref || p_theta)
         logp, ref_logp, kl_tok, stats = LinearLogProbsKL.apply(
             hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-            backend, True)
+            backend, True, group, reduce_hidden_grad)
         logps, ref, kl = logp.sum(-1), ref_logp.sum(-1), kl_tok.sum(-1)
     else:
         # 1. policy: per-token log-probs (fused) summed per sequence, plus metric statistics
-        logps, stats = _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, True)
+        logps, stats = _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, True, group,
+                                       reduce_hidden_grad)
         # 2. reference: the fused kernel forward-only, or precomputed
         if has_fused_ref:
             ref = reference_logps(ref_hidden, ref_weight, targets, ref_bias=ref_bias,
-                                  ignore_index=ignore_index, softcap=softcap, backend=backend)
+                                  ignore_index=ignore_index, softcap=softcap, backend=backend, process_group=group)
         elif ref_logps is not None:
             ref = ref_logps.detach().to(device=logps.device, dtype=logps.dtype)
     b = two_b // 2
@@ -145,8 +172,8 @@ def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, b
     _warn_empty(mask, "preference")
     lengths = mask.sum(-1).to(logps.dtype).clamp(min=1)
     # 3. the NLL term of sft / cpo / orpo (only when one of them is asked for)
-    nll = (_nll(hidden, weight, bias, targets, nll_targets, mask, b, ignore_index, softcap, backend, logps)
-           if set(types) & NLL_LOSSES else None)
+    nll = (_nll(hidden, weight, bias, targets, nll_targets, mask, b, ignore_index, softcap, backend, logps, group,
+                reduce_hidden_grad) if set(types) & NLL_LOSSES else None)
 
     pairs = Pairs(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
                   lengths[:b], lengths[b:], float(beta), float(label_smoothing), params,
@@ -159,7 +186,8 @@ def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, b
     # 4. the loss on [B] tensors
     losses = sum(w * LOSSES[t].fn(pairs_for[t]) for t, w in zip(types, weights))
     loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
-    return loss, _metrics(pairs_for[types[0]], LOSSES[types[0]].rewards, stats, mask, weight.shape[0], b)
+    vocab = weight.shape[0] if group is None else distributed.global_vocab(weight.shape[0], group, weight.device)
+    return loss, _metrics(pairs_for[types[0]], LOSSES[types[0]].rewards, stats, mask, vocab, b)
 
 
 @torch.no_grad()
@@ -214,10 +242,11 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                            **loss_specific)
 
     def forward(self, hidden, weight, targets, bias=None, *, ref_hidden=None, ref_weight=None,
-                ref_bias=None, ref_logps=None, nll_targets=None):
+                ref_bias=None, ref_logps=None, nll_targets=None, process_group=None, reduce_hidden_grad=True):
         return preference_loss(hidden, weight, targets, bias=bias, ref_hidden=ref_hidden,
                                ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
-                               nll_targets=nll_targets, **self.kwargs)
+                               nll_targets=nll_targets, process_group=process_group,
+                               reduce_hidden_grad=reduce_hidden_grad, **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
@@ -226,7 +255,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden=None, ref_weight=None,
              ref_bias=None, ref_logps=None, kl_hidden=None, kl_targets=None, ref_kl_hidden=None,
              kl_logps=None, ref_kl_logps=None, desirable_weight=1.0, undesirable_weight=1.0,
-             ignore_index=-100, softcap=None, reduction="mean", backend="auto", average_log_prob=False):
+             ignore_index=-100, softcap=None, reduction="mean", backend="auto", average_log_prob=False,
+             process_group=None, reduce_hidden_grad=True):
     """KTO (TRL's KTOTrainer) on unpaired sequences: hidden [N, T, D], targets [N, T], labels [N]
     bool (True = desirable). The reference-KL estimate z0 = clamp(mean(kl_logps - ref_kl_logps), 0)
     comes from mismatched completions, either precomputed (kl_logps, ref_kl_logps [M]) or through
@@ -236,6 +266,7 @@ def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden
         undesirable: w_u * (1 - sigmoid(beta * (z0 - logratio)))
     average_log_prob=True (Liger's KTO) uses length-averaged sequence log-probs throughout
     (precomputed ref_logps / kl_logps are then expected averaged too).
+    process_group: vocabulary-parallel heads, as preference_loss's.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -248,14 +279,19 @@ def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden
         raise TypeError(f"average_log_prob must be a bool, got {type(average_log_prob).__name__}")
     ignore_index = check_ignore_index(ignore_index)
     _check_batch(hidden, paired=False)
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, group = _resolve(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group, reduce_hidden_grad)
+    kl_hidden, ref_kl_hidden = (distributed.resolve_hidden(t, name) for t, name in
+                                ((kl_hidden, "kl_hidden"), (ref_kl_hidden, "ref_kl_hidden")))
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _autocast(hidden, weight, bias, ref_hidden,
                                                                        ref_weight, ref_bias)
-    check_head(hidden, weight, bias)
+    check_head(hidden, weight, bias, allow_empty=group is not None)
     n = hidden.shape[0]
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,) or labels.dtype != torch.bool:
         raise ValueError(f"labels must be a bool tensor of shape [N]=[{n}] (True = desirable), got "
                          f"{getattr(labels, 'dtype', type(labels).__name__)} {list(getattr(labels, 'shape', []))}")
-    has_head = _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, True, ["kto"], "N")
+    has_head = _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, True, ["kto"], "N",
+                         sharded=group is not None)
     fused_kl = any(t is not None for t in (kl_hidden, ref_kl_hidden, kl_targets))
     pre_kl = kl_logps is not None or ref_kl_logps is not None
     if fused_kl and pre_kl:
@@ -272,12 +308,14 @@ def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden
     def per_token_mean(logps, t):
         return logps / (t.long() != ignore_index).sum(-1).clamp(min=1).to(logps.dtype) if average_log_prob else logps
 
-    logps, _ = _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, False)
+    logps, _ = _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, False, group,
+                               reduce_hidden_grad)
     _warn_empty(targets.long() != ignore_index, "KTO")
     logps = per_token_mean(logps, targets)
     if has_head:
         ref = per_token_mean(reference_logps(ref_hidden, ref_weight, targets, ref_bias=ref_bias,
-                                             ignore_index=ignore_index, softcap=softcap, backend=backend), targets)
+                                             ignore_index=ignore_index, softcap=softcap, backend=backend,
+                                             process_group=group), targets)
     else:
         ref = ref_logps.detach().to(logps)
     # the reference-KL estimate (detached)
@@ -285,9 +323,9 @@ def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden
         with torch.no_grad():
             kl_pol, _ = _sequence_logps(kl_hidden.detach(), weight.detach(), kl_targets,
                                         None if bias is None else bias.detach(), ignore_index, softcap,
-                                        backend, False)
+                                        backend, False, group)
         kl_ref = reference_logps(ref_kl_hidden, ref_weight, kl_targets, ref_bias=ref_bias,
-                                 ignore_index=ignore_index, softcap=softcap, backend=backend)
+                                 ignore_index=ignore_index, softcap=softcap, backend=backend, process_group=group)
         z0 = (per_token_mean(kl_pol, kl_targets) - per_token_mean(kl_ref, kl_targets)).mean().clamp(min=0)
     elif pre_kl:
         z0 = (kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0).to(logps)

@@ -172,8 +172,9 @@ def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
     return pol.logp(), pol.lse(), pol.stats(), frozen_direction(w, y, pol.zy, acc, pol.l, softcap, scale)
 
 
-def head_backward(h, w, need_h, need_w, need_b, chunk_dz):
-    """chunk_dz(hf, v0, v1) -> dz [Nv, v1 - v0] in the compute dtype; accumulates dH, dW, db in it."""
+def head_backward(h, w, need_h, need_w, need_b, chunk_dz, dh_dtype=None):
+    """chunk_dz(hf, v0, v1) -> dz [Nv, v1 - v0] in the compute dtype; accumulates dH, dW, db in it
+    (dH returned in dh_dtype if given, else h's dtype)."""
     n, d = h.shape
     vocab = w.shape[0]
     hf = h.to(acc_dtype(h.dtype))
@@ -188,7 +189,7 @@ def head_backward(h, w, need_h, need_w, need_b, chunk_dz):
             db[v0:v1] = dz.sum(0)
         if need_h:
             dh += dz @ w[v0:v1].to(hf.dtype)
-    return (dh.to(h.dtype) if need_h else None), dw, db
+    return (dh.to(dh_dtype or h.dtype) if need_h else None), dw, db
 
 
 def _onehot_add(dz, y, g, v0, v1):
@@ -197,7 +198,8 @@ def _onehot_add(dz, y, g, v0, v1):
     dz[rows, y[rows] - v0] += g[rows]
 
 
-def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b, scale=None, g_stats=None, stats=None):
+def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b, scale=None, g_stats=None, stats=None,
+                     dh_dtype=None):
     g = g.to(acc_dtype(h.dtype))
     if g_stats is not None:
         g_stats, stats = g_stats.to(g.dtype), stats.to(g.dtype)
@@ -213,7 +215,7 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b, scale=
             dz += stats_grad(p, logp, g_stats, stats)
         return dz if chain is None else dz.mul_(chain)
 
-    return head_backward(h, w, need_h, need_w, need_b, chunk_dz)
+    return head_backward(h, w, need_h, need_w, need_b, chunk_dz, dh_dtype)
 
 
 def _log_mixture(logp, logq, beta):
@@ -336,7 +338,7 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=
 
 def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b, y=None, g_lp=None, *,
                 scale=None, ref_softcap=None, ref_scale=None, div=0, beta=0.5, aux=None, g_stats=None,
-                stats=None):
+                stats=None, dh_dtype=None):
     """Gradients of sum g * div (+ sum g_lp * logp with targets y; + the stats' upstream
     gradient) w.r.t. the policy head."""
     g = g.to(acc_dtype(h.dtype))
@@ -367,4 +369,4 @@ def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need
             dz += stats_grad(p, logp, g_stats, stats)
         return dz if chain is None else dz.mul_(chain)
 
-    return head_backward(h, w, need_h, need_w, need_b, chunk_dz)
+    return head_backward(h, w, need_h, need_w, need_b, chunk_dz, dh_dtype)

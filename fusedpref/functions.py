@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from . import _library
+from . import _library, distributed
 from ._checks import (autocast_dtype, check_beta_divergence, check_head, check_ignore_index, check_scale,
                       check_softcap, check_targets, check_temperature, resolve_backend)
 
@@ -60,17 +60,31 @@ def _autocast(*tensors):
                  else t for t in tensors)
 
 
-def _check_one(hidden, weight, bias, targets, ignore_index, softcap, backend):
-    """Validates a policy head; (flat hidden [n, D], flat int64 targets, ignore_index, softcap, backend)."""
-    check_head(hidden, weight, bias)
+def _check_group(process_group, reduce_hidden_grad):
+    """process_group: None or a torch.distributed ProcessGroup; reduce_hidden_grad a bool."""
+    if process_group is not None:
+        import torch.distributed as dist
+
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                            f"{type(process_group).__name__}")
+    if not isinstance(reduce_hidden_grad, bool):
+        raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
+    return process_group, reduce_hidden_grad
+
+
+def _check_one(hidden, weight, bias, targets, ignore_index, softcap, backend, sharded=False):
+    """Validates a policy head; (flat hidden [n, D], flat int64 targets, ignore_index, softcap, backend).
+    sharded: weight is a vocabulary shard (it may hold no row)."""
+    check_head(hidden, weight, bias, allow_empty=sharded)
     y = check_targets(hidden, targets)
     backend = resolve_backend(backend, hidden.device, hidden.dtype)
     return hidden.reshape(-1, hidden.shape[-1]), y, check_ignore_index(ignore_index), check_softcap(softcap), backend
 
 
-def _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias):
+def _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias, sharded=False):
     """Validates a reference head against the policy head: one vocabulary, same rows."""
-    check_head(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"))
+    check_head(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"), allow_empty=sharded)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}: "
                          "the two heads must share the vocabulary")
@@ -130,21 +144,30 @@ class LinearLogProbs(torch.autograd.Function):
     log-probs' and the statistics' upstream gradients,
         dz = g_lp (onehot - p) + g_sum - g_H p (log p + H) + 2 g_Q p (p / Q - 1).
     logit_scale (None = 1) multiplies the capped logits: a temperature T is logit_scale = 1 / T.
+    process_group (torch.distributed): weight [V_r, D] and bias [V_r] are this rank's vocabulary
+    shard, hidden and targets (global ids) the same on every rank (fusedpref/distributed.py);
+    the results are the whole vocabulary's on every rank, dH is summed over the group unless
+    reduce_hidden_grad=False, dW and db are the shard's.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias=None, ignore_index=-100, softcap=None,
-                backend="auto", with_stats=False, logit_scale=None):
+                backend="auto", with_stats=False, logit_scale=None, process_group=None, reduce_hidden_grad=True):
         ctx.set_materialize_grads(False)
+        group, ctx.reduce_hidden_grad = _check_group(process_group, reduce_hidden_grad)
         hidden, weight, bias = _autocast(hidden, weight, bias)
         flat, y, ignore_index, softcap, backend = _check_one(hidden, weight, bias, targets, ignore_index,
-                                                             softcap, backend)
+                                                             softcap, backend, sharded=group is not None)
         scale = check_scale(logit_scale)
         with_stats = bool(with_stats)
         needs = _needs(ctx, bias)
-        ctx.frozen = needs[0] and not any(needs[1:]) and frozen_path() == "one-pass"
+        ctx.frozen = needs[0] and not any(needs[1:]) and frozen_path() == "one-pass" and group is None
         direction = None
-        if ctx.frozen:   # the LoRA case: dlogp/dh from the forward's sweep, backward one multiply
+        ctx.dist = None
+        if group is not None:   # vocabulary-parallel: the world's partials merged, per-row results
+            logp, lse, stats, ctx.dist = distributed.logprob_fwd(flat, weight, y, bias, ignore_index, softcap, scale,
+                                                                 backend, with_stats, group)
+        elif ctx.frozen:   # the LoRA case: dlogp/dh from the forward's sweep, backward one multiply
             logp, lse, stats, direction = _library.logprob_fwd_frozen(flat, weight, y, bias, ignore_index, softcap,
                                                                       scale, backend, with_stats)
         else:
@@ -162,18 +185,23 @@ class LinearLogProbs(torch.autograd.Function):
         flat, weight, bias, y, lse, stats, direction = ctx.saved_tensors
         needs = _needs(ctx, bias)
         if grad_logp is None and grad_stats is None:
-            return (None,) * 9
+            return (None,) * 11
         g = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1)
         gst = None if grad_stats is None or not ctx.with_stats else grad_stats.reshape(-1, _library.N_STATS)
+        rest = (None,) * 7
         if ctx.frozen and gst is None:     # dH = g d: no pass over the vocabulary
             dh = (g.to(direction.dtype)[:, None] * direction).to(ctx.hdtype)
             dh, _, _ = _policy_grads(ctx, dh, None, None, needs, (flat, weight, bias))
-            return dh, None, None, None, None, None, None, None, None
-        with _gathered(weight, bias):
-            dh, dw, db = _library.logprob_bwd(g, gst, flat, weight, y, bias, lse, stats, ctx.ignore_index,
-                                              ctx.softcap, ctx.scale, ctx.backend, *needs)
+            return dh, None, None, None, *rest
+        if ctx.dist is not None:
+            dh, dw, db = distributed.logprob_bwd(ctx.dist, g, gst, flat, weight, bias, lse, stats, ctx.softcap,
+                                                 ctx.scale, ctx.backend, needs, ctx.reduce_hidden_grad)
+        else:
+            with _gathered(weight, bias):
+                dh, dw, db = _library.logprob_bwd(g, gst, flat, weight, y, bias, lse, stats, ctx.ignore_index,
+                                                  ctx.softcap, ctx.scale, ctx.backend, *needs)
         dh, dw, db = _policy_grads(ctx, dh, dw, db, needs, (flat, weight, bias))
-        return dh, dw, None, db, None, None, None, None, None
+        return dh, dw, None, db, *rest
 
 
 def _combined_scale(logit_scale, temperature, name="logit_scale"):
@@ -183,16 +211,20 @@ def _combined_scale(logit_scale, temperature, name="logit_scale"):
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
-                    logit_scale=None, temperature=1.0, backend="auto"):
+                    logit_scale=None, temperature=1.0, backend="auto", process_group=None, reduce_hidden_grad=True):
     """Per-token log-probabilities of a linear LM head without an N x V tensor.
 
     hidden [..., D] and weight [V, D] of one dtype (float32, float16, bfloat16; float64 on the
     torch backend; under torch.autocast the autocast dtype), bias [V] or None, targets [...]
     integer. Logits: softcap(hidden @ weight.T + bias) * logit_scale / temperature. Returns
     float32 (float64 for float64 inputs) of targets' shape, 0.0 where ignore_index.
+    process_group: vocabulary-parallel (weight, bias the rank's shard; README "Distributed");
+    DTensor weights are resolved by fusedpref.distributed.resolve.
     """
+    hidden, ((weight, bias),), process_group = distributed.resolve(hidden, [(weight, bias)], process_group,
+                                                                   [("weight", "bias")])
     logp, _ = LinearLogProbs.apply(hidden, weight, targets, bias, ignore_index, softcap, backend, False,
-                                   _combined_scale(logit_scale, temperature))
+                                   _combined_scale(logit_scale, temperature), process_group, reduce_hidden_grad)
     return logp
 
 
@@ -200,12 +232,15 @@ class _Heads:
     """The checked, flattened arguments of a two-head call and its options."""
 
     def __init__(self, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-                 backend, *, ref_softcap=None, scale=None, ref_scale=None, beta=0.0):
+                 backend, *, ref_softcap=None, scale=None, ref_scale=None, beta=0.0, process_group=None,
+                 reduce_hidden_grad=True):
+        self.group, self.reduce_hidden_grad = _check_group(process_group, reduce_hidden_grad)
+        sharded = self.group is not None
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _autocast(hidden, weight, bias, ref_hidden,
                                                                            ref_weight, ref_bias)
         self.flat, self.y, self.ignore_index, self.softcap, self.backend = _check_one(
-            hidden, weight, bias, targets, ignore_index, softcap, backend)
-        self.rflat = _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias)
+            hidden, weight, bias, targets, ignore_index, softcap, backend, sharded)
+        self.rflat = _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias, sharded)
         self.weight, self.bias = weight, bias
         self.rw, self.rb = ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
         self.ref_softcap = check_softcap(ref_softcap, "ref_softcap")
@@ -221,9 +256,15 @@ def _kl_forward(ctx, heads: _Heads, with_logp, with_stats):
     ctx.set_materialize_grads(False)
     k = heads
     needs = _needs(ctx, k.bias, 5)
-    ctx.frozen = needs[0] and not any(needs[1:]) and k.div == 0 and frozen_path() == "one-pass"
+    ctx.frozen = needs[0] and not any(needs[1:]) and k.div == 0 and frozen_path() == "one-pass" and k.group is None
     d_lp = d_kl = None
-    if ctx.frozen:
+    ctx.dist, ctx.reduce_hidden_grad = None, k.reduce_hidden_grad
+    if k.group is not None:     # vocabulary-parallel
+        *out, ctx.dist = distributed.kl_fwd(
+            k.flat, k.weight, k.rflat, k.rw, k.y, k.bias, k.rb, k.ignore_index, k.softcap, k.scale, k.ref_softcap,
+            k.ref_scale, k.div, k.beta, k.backend, with_logp, with_stats, k.group)
+        out = tuple(out)
+    elif ctx.frozen:
         kl, lse, rlse, logp, ref_logp, stats, d_lp, d_kl = _library.kl_fwd_frozen(
             k.flat, k.weight, k.rflat, k.rw, k.y, k.bias, k.rb, k.ignore_index, k.softcap, k.scale, k.ref_softcap,
             k.ref_scale, k.backend, with_logp, with_stats)
@@ -254,6 +295,11 @@ def _kl_backward(ctx, grad_div, grad_logp, grad_stats=None):
             dh += grad_logp.reshape(-1, 1).to(dh.dtype) * d_lp
         return _policy_grads(ctx, dh.to(ctx.hdtype), None, None, needs, (flat, weight, bias))
     g = torch.zeros_like(lse) if grad_div is None else grad_div.reshape(-1)
+    if ctx.dist is not None:
+        dh, dw, db = distributed.kl_bwd(ctx.dist, g, None if grad_logp is None else grad_logp.reshape(-1), gst, flat,
+                                        weight, rflat, rw, bias, rb, lse, rlse, aux, stats, softcap, scale,
+                                        ref_softcap, ref_scale, div, beta, backend, needs, ctx.reduce_hidden_grad)
+        return _policy_grads(ctx, dh, dw, db, needs, (flat, weight, bias))
     with _gathered(weight, bias, rw, rb):
         dh, dw, db = _library.kl_bwd(g, None if grad_logp is None else grad_logp.reshape(-1), gst, flat, weight,
                                      rflat, rw, y, bias, rb, lse, rlse, aux, stats, ignore_index, softcap, scale,
@@ -265,28 +311,40 @@ class LinearKL(torch.autograd.Function):
     """Per-token KL(p_ref || p_theta) over the full vocabulary between two linear heads.
 
     apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-    backend) -> float32 [*targets.shape]; targets only mark the rows that count (0 elsewhere).
-    Gradients flow to the policy (hidden, weight, bias) only. LinearDivergence with beta = 0.
+    backend, process_group, reduce_hidden_grad) -> float32 [*targets.shape]; targets only mark
+    the rows that count (0 elsewhere). Gradients flow to the policy (hidden, weight, bias) only.
+    LinearDivergence with beta = 0. process_group as LinearLogProbs's (both heads sharded alike).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
-                ignore_index=-100, softcap=None, backend="auto"):
+                ignore_index=-100, softcap=None, backend="auto", process_group=None, reduce_hidden_grad=True):
         heads = _Heads(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-                       backend, ref_softcap=softcap)
+                       backend, ref_softcap=softcap, process_group=process_group,
+                       reduce_hidden_grad=reduce_hidden_grad)
         return _kl_forward(ctx, heads, False, False)[0].view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_kl):
         dh, dw, db = _kl_backward(ctx, grad_kl, None)
-        return dh, dw, None, None, None, db, None, None, None, None
+        return dh, dw, None, None, None, db, None, None, None, None, None, None
+
+
+def _resolve_two(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group):
+    hidden, ((weight, bias), (ref_weight, ref_bias)), process_group = distributed.resolve(
+        hidden, [(weight, bias), (ref_weight, ref_bias)], process_group, [("weight", "bias"), ("ref_weight", "ref_bias")])
+    return hidden, weight, bias, distributed.resolve_hidden(ref_hidden, "ref_hidden"), ref_weight, ref_bias, \
+        process_group
 
 
 def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
-              ignore_index=-100, softcap=None, backend="auto"):
-    """Per-token KL(p_ref || p_theta) [targets.shape] float32; 0 where targets == ignore_index."""
+              ignore_index=-100, softcap=None, backend="auto", process_group=None, reduce_hidden_grad=True):
+    """Per-token KL(p_ref || p_theta) [targets.shape] float32; 0 where targets == ignore_index.
+    process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = _resolve_two(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
     return LinearKL.apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
-                          softcap, backend)
+                          softcap, backend, process_group, reduce_hidden_grad)
 
 
 class LinearDivergence(torch.autograd.Function):
@@ -303,7 +361,8 @@ class LinearDivergence(torch.autograd.Function):
     temperature T is a scale 1 / T on both). The two heads may differ in hidden size and dtype.
 
     apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, backend,
-    beta, softcap, ref_softcap, logit_scale, ref_logit_scale, with_stats)
+    beta, softcap, ref_softcap, logit_scale, ref_logit_scale, with_stats, process_group,
+    reduce_hidden_grad)
     -> (divergence float32 [*targets.shape], stats [*targets.shape, 4] or [0] as LinearLogProbs's,
         with gradients); targets only mark the rows that count (their values are not read but must
         lie in [0, V)); 0 elsewhere.
@@ -312,9 +371,10 @@ class LinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
                 ignore_index=-100, backend="auto", beta=0.0, softcap=None, ref_softcap=None, logit_scale=None,
-                ref_logit_scale=None, with_stats=False):
+                ref_logit_scale=None, with_stats=False, process_group=None, reduce_hidden_grad=True):
         heads = _Heads(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-                       backend, ref_softcap=ref_softcap, scale=logit_scale, ref_scale=ref_logit_scale, beta=beta)
+                       backend, ref_softcap=ref_softcap, scale=logit_scale, ref_scale=ref_logit_scale, beta=beta,
+                       process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
         with_stats = bool(with_stats)
         out = _kl_forward(ctx, heads, with_stats, with_stats)
         return out[0].view(targets.shape), _stats_view(out[6], targets.shape, with_stats)
@@ -322,18 +382,22 @@ class LinearDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_div, grad_stats):
         dh, dw, db = _kl_backward(ctx, grad_div, None, grad_stats)
-        return (dh, dw, None, None, None, db) + (None,) * 9
+        return (dh, dw, None, None, None, db) + (None,) * 11
 
 
 def linear_divergence(hidden, weight, ref_hidden, ref_weight, targets, *, beta=0.0, bias=None, ref_bias=None,
                       ignore_index=-100, softcap=None, ref_softcap=None, logit_scale=None, ref_logit_scale=None,
-                      temperature=1.0, backend="auto"):
+                      temperature=1.0, backend="auto", process_group=None, reduce_hidden_grad=True):
     """Per-token divergence [targets.shape] float32 between two heads (LinearDivergence; beta 0:
     KL(p_ref || p), 1: KL(p || p_ref), between: the generalised JSD); each head's logits are
-    softcap(h @ W.T + b) * logit_scale / temperature. 0 where targets == ignore_index."""
+    softcap(h @ W.T + b) * logit_scale / temperature. 0 where targets == ignore_index.
+    process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = _resolve_two(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
     div, _ = LinearDivergence.apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
                                     backend, beta, softcap, ref_softcap, _combined_scale(logit_scale, temperature),
-                                    _combined_scale(ref_logit_scale, temperature, "ref_logit_scale"), False)
+                                    _combined_scale(ref_logit_scale, temperature, "ref_logit_scale"), False,
+                                    process_group, reduce_hidden_grad)
     return div
 
 
@@ -343,7 +407,8 @@ class LinearLogProbsKL(torch.autograd.Function):
     would read each head three times).
 
     apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-    backend, with_stats) -> (logp, ref_logp, kl) float32 [*targets.shape] and stats as in
+    backend, with_stats, process_group, reduce_hidden_grad) -> (logp, ref_logp, kl) float32
+    [*targets.shape] and stats as in
     LinearLogProbs; 0 where ignore_index. Gradients flow to the policy (hidden, weight, bias) from
     logp, kl and stats, through one backward pass: dz = g_lp (onehot - p) + g_kl (p - p_ref) + ...
     ref_logp is not differentiable.
@@ -351,9 +416,11 @@ class LinearLogProbsKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
-                ignore_index=-100, softcap=None, backend="auto", with_stats=False):
+                ignore_index=-100, softcap=None, backend="auto", with_stats=False, process_group=None,
+                reduce_hidden_grad=True):
         heads = _Heads(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-                       backend, ref_softcap=softcap)
+                       backend, ref_softcap=softcap, process_group=process_group,
+                       reduce_hidden_grad=reduce_hidden_grad)
         with_stats = bool(with_stats)
         kl, _, _, _, logp, ref_logp, stats = _kl_forward(ctx, heads, True, with_stats)
         shape = targets.shape
@@ -364,11 +431,17 @@ class LinearLogProbsKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, _grad_ref, grad_kl, grad_stats):
         dh, dw, db = _kl_backward(ctx, grad_kl, grad_logp, grad_stats)
-        return dh, dw, None, None, None, db, None, None, None, None, None
+        return dh, dw, None, None, None, db, None, None, None, None, None, None, None
+
+
 def linear_logprobs_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
-                       ignore_index=-100, softcap=None, backend="auto"):
+                       ignore_index=-100, softcap=None, backend="auto", process_group=None, reduce_hidden_grad=True):
     """(logp, ref_logp, kl), each float32 [targets.shape], from one pass over both heads;
-    0 where targets == ignore_index. Gradients reach the policy head through logp and kl."""
+    0 where targets == ignore_index. Gradients reach the policy head through logp and kl.
+    process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = _resolve_two(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
     logp, ref_logp, kl, _ = LinearLogProbsKL.apply(hidden, weight, ref_hidden, ref_weight, targets, bias,
-                                                   ref_bias, ignore_index, softcap, backend, False)
+                                                   ref_bias, ignore_index, softcap, backend, False, process_group,
+                                                   reduce_hidden_grad)
     return logp, ref_logp, kl

@@ -101,13 +101,14 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, row_scale: torch.
     )
 
 
-def chunked_head_backward(h, w, need_h, need_w, need_b, fill_dz):
+def chunked_head_backward(h, w, need_h, need_w, need_b, fill_dz, dh_dtype=None):
     """Drives a backward through vocabulary chunks of the logit gradient dz.
 
     fill_dz(dz_view, v0, v1, need_b) writes dz[:, v0:v1] (operand dtype) into dz_view
     [Nv, v1 - v0] and, with need_b, returns per-row-block fp32 column sums [blocks, v1 - v0] of the
     unrounded dz. Per chunk: dW[v0:v1] = dz^T @ h (one rounding, cuBLAS), db[v0:v1] = the sum of
-    those partials, dH += dz @ W[v0:v1] into an fp32 accumulator (mm_acc kernel), rounded once.
+    those partials, dH += dz @ W[v0:v1] into an fp32 accumulator (mm_acc kernel), rounded once
+    (to dh_dtype if given, else h's dtype).
     """
     n, d = h.shape
     vocab = w.shape[0]
@@ -127,7 +128,7 @@ def chunked_head_backward(h, w, need_h, need_w, need_b, fill_dz):
             torch.sum(db_part, dim=0, out=db[v0:v1])
         if need_h:
             _mm_acc(dzc, w[v0:v1], dh)
-    return (dh.to(h.dtype) if need_h else None), dw, db
+    return (dh.to(dh_dtype or h.dtype) if need_h else None), dw, db
 
 
 def _chunk_logits(h, w, b, z_buf, v0, v1, softcap, scale):
@@ -211,7 +212,8 @@ def _stats_grad_args(g_stats, stats, fallback):
     return g_stats.float().contiguous(), stats.float().contiguous()
 
 
-def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b, scale=None, g_stats=None, stats=None):
+def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b, scale=None, g_stats=None, stats=None,
+                     dh_dtype=None):
     """Gradients of sum_i g_i * logp_i (+ sum_i <g_stats_i, stats_i>, stats as logprob_forward's)
     w.r.t. h [Nv, D], w [V, D], b [V] (None where not needed)."""
     n, d = h.shape
@@ -235,7 +237,7 @@ def logprob_backward(h, w, b, y, lse, g, softcap, need_h, need_w, need_b, scale=
         kind = "dz" if g_stats is None else "dz_stats"
         return run(_tiles(kind, h, (triton.next_power_of_2(n), v1 - v0, d), run))
 
-    return chunked_head_backward(h, w, need_h, need_w, need_b, fill)
+    return chunked_head_backward(h, w, need_h, need_w, need_b, fill, dh_dtype)
 
 
 def _jsd_logs(beta):
@@ -373,7 +375,7 @@ def jsd_sums(h, w, b, rh, rw, rb, lse, rlse, softcap, *, scale=None, ref_softcap
 
 def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need_b, y=None, g_lp=None, *,
                 scale=None, ref_softcap=None, ref_scale=None, div=0, beta=0.5, aux=None, g_stats=None,
-                stats=None):
+                stats=None, dh_dtype=None):
     """Gradients of sum_i g_i * div_i (+ sum_i g_lp_i * logp_i, given targets y; + the stats'
     upstream gradient) w.r.t. the policy's h, w, b: one recompute of both heads for all terms."""
     n, d = h.shape
@@ -404,4 +406,4 @@ def kl_backward(h, w, b, rh, rw, rb, lse, rlse, g, softcap, need_h, need_w, need
         )
         return db_part
 
-    return chunked_head_backward(h, w, need_h, need_w, need_b, fill)
+    return chunked_head_backward(h, w, need_h, need_w, need_b, fill, dh_dtype)

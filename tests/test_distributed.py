@@ -1,0 +1,346 @@
+"""Vocabulary-parallel heads (process_group=) and DTensor heads, on torch.distributed with gloo:
+2 and 3 processes on 127.0.0.1, each rank checking its own results.
+
+Rule (the suite's): |vocab-parallel - oracle| <= 2 |single-process fused - oracle| + atol, with the
+float64 eager oracle of fusedpref.reference on the full head; shards of V = 37 (not divisible by
+2 or 3; with 3 ranks one shard is empty), ignored rows, bias, both backends (Triton in the
+interpreter). Gradients: dH on every rank, dW and db gathered from the ranks' shards.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_helpers import run_ranks
+
+# ------------------------------------------------------------------ helpers (run inside the ranks)
+
+ATOL = 1e-5
+
+
+def _sizes(world, v):
+    if world == 3:
+        return [25, 0, v - 25]          # uneven, one rank holding no vocabulary row
+    return [v // world + (1 if r < v % world else 0) for r in range(world)]
+
+
+def _span(sizes, rank):
+    lo = sum(sizes[:rank])
+    return lo, lo + sizes[rank]
+
+
+def _gather_rows(t, sizes):
+    """The ranks' shards [V_r, ...] concatenated in rank order (padded all_gather)."""
+    width = max(sizes)
+    pad = t.new_zeros((width, *t.shape[1:]))
+    pad[: t.shape[0]] = t
+    parts = [torch.empty_like(pad) for _ in sizes]
+    dist.all_gather(parts, pad.contiguous())
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def _check(name, got, single, oracle):
+    got, single, oracle = (t.detach().double() for t in (got, single, oracle))
+    assert got.shape == oracle.shape, (name, got.shape, oracle.shape)
+    assert torch.isfinite(got).all(), f"{name}: non-finite"
+    e = (got - oracle).abs().max().item() if got.numel() else 0.0
+    e1 = (single - oracle).abs().max().item() if got.numel() else 0.0
+    scale = max(1.0, oracle.abs().max().item()) if got.numel() else 1.0
+    assert e <= 2 * e1 + ATOL * scale, f"{name}: vocab-parallel err {e:.3g} > 2 x single-process err {e1:.3g} + atol"
+
+
+def _problem(v=37, d=16, shape=(4, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, d, generator=g)
+    w = torch.randn(v, d, generator=g) / 2
+    b = torch.randn(v, generator=g) * 0.3
+    rh = h + 0.3 * torch.randn(*shape, d, generator=g)
+    rw = w + 0.2 * torch.randn(v, d, generator=g)
+    rb = torch.randn(v, generator=g) * 0.3
+    y = torch.randint(0, v, shape, generator=g)
+    top = (h @ w.t() + b).argmax(-1)
+    hit = torch.rand(shape, generator=g) < 0.5
+    y[hit] = top[hit]                                       # the argmax statistic is 1 on half the rows
+    y[torch.rand(shape, generator=g) < 0.25] = -100
+    y[0, 0] = v - 1                                         # the last shard's last id
+    return h, w, b, rh, rw, rb, y
+
+
+def _leaf(t, dtype=None):
+    return t.detach().clone().to(dtype or t.dtype).requires_grad_()
+
+
+def _evaluate(fn, h, w, b, upstream, group=None, sizes=None):
+    """fn(h, w, b, group) -> dict of outputs; returns outputs and (dH, gathered dW, gathered db) of
+    sum <upstream_k, out_k> (a fixed random weighting of every differentiable output)."""
+    h, w, b = _leaf(h), _leaf(w), _leaf(b)
+    out = fn(h, w, b, group)
+    total = sum((o * upstream[k].to(o.dtype)).sum() for k, o in out.items() if o.requires_grad)
+    dh, dw, db = torch.autograd.grad(total, (h, w, b))
+    if group is not None:
+        dw, db = _gather_rows(dw, sizes), _gather_rows(db, sizes)
+    return {**{k: o.detach() for k, o in out.items()}, "dH": dh, "dW": dw, "db": db}
+
+
+def _compare(fn, oracle_fn, problem, rank, world, backend):
+    h, w, b, rh, rw, rb, y = problem
+    sizes = _sizes(world, w.shape[0])
+    lo, hi = _span(sizes, rank)
+    g = torch.Generator().manual_seed(7)
+    probe = fn(h, w, b, rh, rw, rb, y, None, backend)
+    upstream = {k: torch.randn(o.shape, generator=g) for k, o in probe.items()}
+
+    def bind(f, be, ref):
+        return lambda hh, ww, bb, group: f(hh, ww, bb, *ref, y, group, be)
+
+    shard_ref = (rh, rw[lo:hi], rb[lo:hi])
+    got = _evaluate(bind(fn, backend, shard_ref), h, w[lo:hi], b[lo:hi], upstream, dist.group.WORLD, sizes)
+    single = _evaluate(bind(fn, backend, (rh, rw, rb)), h, w, b, upstream)
+    f64 = tuple(t.double() for t in (rh, rw, rb))
+    oracle = _evaluate(bind(oracle_fn, None, f64), h.double(), w.double(), b.double(), upstream)
+    for k in oracle:
+        _check(f"{fn.__name__} {backend} rank {rank}: {k}", got[k], single[k], oracle[k])
+
+
+# the primitives and their float64 oracles: (h, w, b, rh, rw, rb, y, group, backend) -> dict
+
+def logprobs_stats(h, w, b, rh, rw, rb, y, group, backend):
+    import fusedpref
+
+    lp, st = fusedpref.LinearLogProbs.apply(h, w, y, b, -100, None, backend, True, None, group)
+    return {"logp": lp, "logit_sum": st[..., 0], "entropy": st[..., 1], "hit": st[..., 2].detach(),
+            "log_sum_sq": st[..., 3]}
+
+
+def logprobs_stats_oracle(h, w, b, rh, rw, rb, y, group, backend):
+    from fusedpref import reference as R
+
+    st = R.eager_token_stats(h, w, y, b)
+    return {"logp": R.eager_logprobs(h, w, y, b), "logit_sum": st[..., 0], "entropy": st[..., 1],
+            "hit": st[..., 2].detach(), "log_sum_sq": st[..., 3]}
+
+
+def kl(h, w, b, rh, rw, rb, y, group, backend):
+    import fusedpref
+
+    return {"kl": fusedpref.linear_kl(h, w, rh, rw, y, bias=b, ref_bias=rb, backend=backend, process_group=group)}
+
+
+def kl_oracle(h, w, b, rh, rw, rb, y, group, backend):
+    from fusedpref import reference as R
+
+    return {"kl": R.eager_kl(h, w, rh, rw, y, b, rb)}
+
+
+def logprobs_kl(h, w, b, rh, rw, rb, y, group, backend):
+    import fusedpref
+
+    lp, rlp, k = fusedpref.linear_logprobs_kl(h, w, rh, rw, y, bias=b, ref_bias=rb, backend=backend,
+                                              process_group=group)
+    return {"logp": lp, "ref_logp": rlp, "kl": k}
+
+
+def logprobs_kl_oracle(h, w, b, rh, rw, rb, y, group, backend):
+    from fusedpref import reference as R
+
+    return {"logp": R.eager_logprobs(h, w, y, b), "ref_logp": R.eager_logprobs(rh, rw, y, rb).detach(),
+            "kl": R.eager_kl(h, w, rh, rw, y, b, rb)}
+
+
+def divergences(h, w, b, rh, rw, rb, y, group, backend):
+    import fusedpref
+
+    kw = dict(bias=b, ref_bias=rb, backend=backend, process_group=group, softcap=4.0, ref_softcap=5.0)
+    return {f"beta{beta}": fusedpref.linear_divergence(h, w, rh, rw, y, beta=beta, **kw) for beta in (0.5, 1.0)}
+
+
+def divergences_oracle(h, w, b, rh, rw, rb, y, group, backend):
+    from fusedpref import reference as R
+
+    kw = dict(bias=b, ref_bias=rb, softcap=4.0, ref_softcap=5.0)
+    return {f"beta{beta}": R.eager_divergence(h, w, rh, rw, y, beta=beta, **kw) for beta in (0.5, 1.0)}
+
+
+PRIMITIVES = [(logprobs_stats, logprobs_stats_oracle), (kl, kl_oracle), (logprobs_kl, logprobs_kl_oracle),
+              (divergences, divergences_oracle)]
+
+
+def _pair_losses():
+    """(name, kwargs) of the preference losses checked, with a reference head where they take one."""
+    return [("sigmoid", dict(loss_type="sigmoid")), ("ipo", dict(loss_type="ipo")),
+            ("simpo", dict(loss_type="simpo", beta=2.0)), ("expo", dict(loss_type="expo", beta=0.5))]
+
+
+def _loss_fn(name, kwargs, paired=True):
+    """A preference_loss / kto_loss case in the dict form of the primitives (loss + metrics)."""
+    def run(h, w, b, rh, rw, rb, y, group, backend, oracle=False):
+        import fusedpref
+        from fusedpref import reference as R
+
+        ref = {} if kwargs["loss_type"] == "simpo" else dict(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
+        if oracle:
+            if not paired:
+                loss, metrics = R.eager_kto_loss(h, w, y, _labels(), beta=0.1, ref_hidden=rh, ref_weight=rw, bias=b)
+            else:
+                loss, metrics = R.eager_preference_loss(h, w, y, bias=b, **{**dict(beta=0.1), **kwargs}, **ref)
+        elif not paired:
+            loss, metrics = fusedpref.kto_loss(h, w, y, _labels(), beta=0.1, bias=b, ref_hidden=rh, ref_weight=rw,
+                                               backend=backend, process_group=group)
+        else:
+            loss, metrics = fusedpref.preference_loss(h, w, y, bias=b, backend=backend, process_group=group,
+                                                      **{**dict(beta=0.1), **kwargs}, **ref)
+        return {"loss": loss, **{k: v.detach() for k, v in metrics.items()}}
+
+    run.__name__ = name
+    return run
+
+
+def _labels():
+    return torch.tensor([True, False, True, True])
+
+
+def _pair_oracle(name, kwargs, paired=True):
+    f = _loss_fn(name, kwargs, paired)
+
+    def oracle(*args):
+        return f(*args[:5], None, *args[6:], oracle=True)     # the reference bias is 0 in these cases
+    return oracle
+
+
+def _ranks_primitives(rank, world, backend):
+    os.environ["FUSEDPREF_CHUNK_COLS"] = "8"        # several chunks per shard
+    problem = _problem()
+    for fn, oracle in PRIMITIVES:
+        _compare(fn, oracle, problem, rank, world, backend)
+
+
+def _ranks_losses(rank, world, backend):
+    h, w, b, rh, rw, rb, y = _problem()
+    losses = [(_loss_fn(n, kw), _pair_oracle(n, kw)) for n, kw in _pair_losses()]
+    losses.append((_loss_fn("kto", dict(loss_type="kto"), paired=False),
+                   _pair_oracle("kto", dict(loss_type="kto"), paired=False)))
+    for fn, oracle in losses:
+        # the oracles' reference heads carry no bias: give the fused ones none either
+        _compare(fn, oracle, (h, w, b, rh, rw, torch.zeros_like(rb), y), rank, world, backend)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vocab_parallel_primitives_equal_the_single_process_head(world, backend):
+    run_ranks(_ranks_primitives, world, backend)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vocab_parallel_losses_equal_the_single_process_loss(world, backend):
+    run_ranks(_ranks_losses, world, backend)
+
+
+# ------------------------------------------------------------------ what crosses ranks, what is allocated
+
+_COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
+                "reduce_scatter_tensor", "reduce_scatter", "all_to_all", "all_to_all_single", "reduce", "gather",
+                "scatter", "send", "isend", "all_gather_object", "broadcast_object_list")
+
+
+class _Traffic:
+    """Records (collective, payload bytes this rank sends) for every torch.distributed collective."""
+
+    def __init__(self):
+        self.calls, self._orig = [], {}
+
+    def __enter__(self):
+        for name in _COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self._orig[name] = fn
+
+            def wrapped(*args, _fn=fn, _name=name, **kwargs):
+                sent = args[1] if _name in ("all_gather_single", "all_gather_into_tensor") else args[0]
+                size = sent.numel() * sent.element_size() if isinstance(sent, torch.Tensor) else -1
+                self.calls.append((_name, size))
+                return _fn(*args, **kwargs)
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._orig.items():
+            setattr(dist, name, fn)
+
+    @property
+    def bytes(self):
+        return sum(size for _, size in self.calls)
+
+
+class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest tensor (bytes) any aten op produces while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.nbytes:
+                self.nbytes, self.op = t.numel() * t.element_size(), func
+        return out
+
+
+def _step(h, w, b, rh, rw, rb, y, backend, loss_type, reduce_hidden_grad=True):
+    import fusedpref
+
+    h, w, b = _leaf(h), _leaf(w), _leaf(b)
+    loss, _ = fusedpref.preference_loss(h, w, y, bias=b, ref_hidden=rh, ref_weight=rw, ref_bias=rb,
+                                        loss_type=loss_type, backend=backend, process_group=dist.group.WORLD,
+                                        reduce_hidden_grad=reduce_hidden_grad)
+    loss.backward()
+    return h.grad
+
+
+def _ranks_traffic(rank, world, backend):
+    os.environ["FUSEDPREF_CHUNK_COLS"] = "8"
+    d = 16
+    for loss_type, planes in (("expo", 12 + 0), ("sigmoid", 8 + 3)):
+        sent = {}
+        y = _problem(v=37, d=d)[-1]          # the same targets (so the same valid rows) for both V
+        for v in (37, 301):
+            h, w, b, rh, rw, rb, _ = _problem(v=v, d=d)
+            sizes = _sizes(world, v)
+            lo, hi = _span(sizes, rank)
+            # each rank holds only its shards (copies: a view would keep the whole head's storage alive)
+            shard = tuple(t.clone() for t in (w[lo:hi], b[lo:hi], rh, rw[lo:hi], rb[lo:hi]))
+            with _Traffic() as traffic, _Largest() as largest:
+                _step(h, shard[0], shard[1], *shard[2:], y, backend, loss_type)
+            sent[v] = traffic.calls
+            nv = int((y != -100).sum())
+            calls = 1 if loss_type == "expo" else 2       # EXPO: one two-head pass; sigmoid: policy + reference
+            # per call 5 int64 (layout and consistency), then the partial planes in fp32 (EXPO: 11 planes +
+            # the argmax id; sigmoid: 7 + id for the policy, 3 for the reference), 1 int64 (the global V
+            # of the metrics), and backward the fp32 all_reduce of dH over the valid rows
+            expected = calls * 40 + 4 * planes * nv + 8 + 4 * nv * d
+            assert traffic.bytes == expected, (loss_type, v, traffic.calls, expected)
+            n_rows = y.numel()
+            # (at V = 37 the gathered planes [world x 12, Nv] are as large as a shard's logits would be)
+            bound = 4 * n_rows * max(hi - lo, v // world)  # fp32 N x (the shard, or an even shard if smaller)
+            assert v == 37 or largest.nbytes < bound, \
+                f"{loss_type} V={v}: an op produced {largest.nbytes} bytes ({largest.op}) >= {bound}"
+            assert largest.nbytes >= 4 * (hi - lo) * d or hi == lo, "the backward's dW was not observed"
+        assert sent[37] == sent[301], f"bytes sent depend on V: {sent}"
+    # reduce_hidden_grad=False: each rank's dH is its shard's part; their sum is the reduced one
+    h, w, b, rh, rw, rb, y = _problem()
+    lo, hi = _span(_sizes(world, 37), rank)
+    args = (h, w[lo:hi], b[lo:hi], rh, rw[lo:hi], rb[lo:hi], y, backend, "sigmoid")
+    full = _step(*args)
+    with _Traffic() as traffic:
+        part = _step(*args, reduce_hidden_grad=False)
+    assert all(name != "all_reduce" or size == 8 for name, size in traffic.calls), traffic.calls
+    dist.all_reduce(part)
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vocab_parallel_sends_O_N_bytes_and_allocates_no_N_by_V_tensor(world, backend):
+    run_ranks(_ranks_traffic, world, backend)
