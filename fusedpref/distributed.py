@@ -291,7 +291,7 @@ def resolve(hidden, heads, process_group, names):
     - anything else (other placements, meshes of more than one dimension) raises.
     heads: [(weight, bias) or None, ...] (policy, reference, ...); names: their argument names.
     """
-    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor import Shard
 
     tensors = [t for pair in heads if pair is not None for t in pair if t is not None]
     if not _is_dtensor(hidden) and not any(_is_dtensor(t) for t in tensors):
@@ -331,9 +331,18 @@ def resolve(hidden, heads, process_group, names):
                              "(weight.device_mesh.get_group())")
         local = [None if pair is None else tuple(None if t is None else t.to_local() for t in pair) for pair in heads]
         return hidden, local, group
-    gathered = [None if pair is None else tuple(
-        None if t is None else t.full_tensor(grad_placements=[Partial("avg")]) for t in pair) for pair in heads]
-    return hidden, gathered, None
+    return hidden, [None if pair is None else tuple(gather(t) for t in pair) for pair in heads], None
+
+
+def gather(t):
+    """A DTensor gathered once, FSDP2's way: the full tensor, whose gradient is reduce-scattered and
+    averaged over the mesh (each rank's data differ; with identical data it is the same gradient).
+    Anything else comes back unchanged."""
+    if not _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import Partial
+
+    return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
 
 
 def resolve_hidden(t, name):

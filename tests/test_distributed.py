@@ -344,3 +344,139 @@ def _ranks_traffic(rank, world, backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_vocab_parallel_sends_O_N_bytes_and_allocates_no_N_by_V_tensor(world, backend):
     run_ranks(_ranks_traffic, world, backend)
+
+
+# ------------------------------------------------------------------ DTensor heads: tensor parallel, FSDP2
+
+class Tiny(torch.nn.Module):
+    """Embedding -> tanh(linear) -> hidden states; the LM head (weight [V, D], bias [V]) kept apart,
+    as a trainer's fused-head path uses it."""
+
+    def __init__(self, v=37, d=16, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = torch.nn.Embedding(v, d)
+        self.proj = torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, v)
+
+    def forward(self, ids):
+        return torch.tanh(self.proj(self.emb(ids)))
+
+
+def _batch(v=37, pairs=4, t=7, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, v, (2 * pairs, t), generator=g)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, :2] = -100                     # the prompt
+    targets[:, -1] = -100
+    return ids, targets
+
+
+def _shard_head(model, mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for name in ("weight", "bias"):
+        p = getattr(model.head, name)
+        setattr(model.head, name, torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)]),
+                                                     requires_grad=p.requires_grad))
+    return model
+
+
+def _ranks_tensor_parallel(rank, world):
+    """A tiny model whose head (and its reference's) is a Shard(0) DTensor on a 2-rank mesh, 5 SGD
+    steps: explicit process_group with sigmoid, and the group taken from a Replicate() hidden
+    DTensor with EXPO (exact vocabulary KL): the losses and the final head of the unsharded model."""
+    import fusedpref
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    ids, targets = _batch()
+    for loss_type, how in (("sigmoid", "process_group"), ("expo", "replicated hidden")):
+        runs = {}
+        for kind in ("plain", "tp"):
+            model, ref = Tiny(), Tiny(seed=1).requires_grad_(False)
+            if kind == "tp":
+                model, ref = _shard_head(model, mesh), _shard_head(ref, mesh)
+                assert isinstance(model.head.weight, DTensor) and model.head.weight.to_local().shape[0] == 19 - rank
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            losses = []
+            for _ in range(5):
+                h, rh = model(ids), ref(ids)
+                group = None
+                if kind == "tp" and how == "process_group":
+                    group = mesh.get_group()
+                elif kind == "tp":
+                    h = DTensor.from_local(h, mesh, [Replicate()])
+                loss, metrics = fusedpref.preference_loss(
+                    h, model.head.weight, targets, bias=model.head.bias, ref_hidden=rh, ref_weight=ref.head.weight,
+                    ref_bias=ref.head.bias, loss_type=loss_type, beta=0.5, backend="torch", process_group=group)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(torch.stack([loss.detach(), metrics["rewards/margins"], metrics["entropy"]]))
+            w = model.head.weight
+            runs[kind] = (torch.stack(losses), (w.full_tensor() if isinstance(w, DTensor) else w).detach(),
+                          model.proj.weight.detach().clone())
+        for name, a, b in zip(("losses/margins/entropy", "head weight", "body weight"), runs["tp"], runs["plain"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{loss_type} ({how}) rank {rank}: {name}")
+        assert (runs["plain"][0][0, 0] - runs["plain"][0][-1, 0]) > 1e-3, "the loss did not move in 5 steps"
+    # placements fusedpref cannot use raise clearly
+    w = distribute_tensor(torch.randn(37, 16), mesh, [Shard(1)])
+    with pytest.raises(ValueError, match=r"placements \[Shard\(dim=1\)\].*supported: Shard\(0\)"):
+        fusedpref.linear_logprobs(torch.randn(3, 16), w, torch.zeros(3, dtype=torch.long))
+    # ranks that do not share the targets (data parallel) cannot be vocabulary-parallel
+    y = torch.full((3,), rank, dtype=torch.long)
+    with pytest.raises(ValueError, match="the targets differs across ranks"):
+        fusedpref.linear_logprobs(torch.randn(3, 16), torch.randn(5, 16), y, process_group=dist.group.WORLD)
+
+
+def _ranks_fsdp2(rank, world):
+    """FSDP2: a tiny model under fully_shard (its head a sharded DTensor after forward when resharded,
+    else the unsharded parameter), each rank its own pairs; 5 SGD steps: the ranks' mean loss and the
+    final weights equal the unsharded model trained on the whole batch."""
+    import fusedpref
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    ids, targets = _batch(pairs=2 * world)
+    b = ids.shape[0] // 2
+    mine = torch.cat([torch.arange(2 * rank, 2 * rank + 2), b + torch.arange(2 * rank, 2 * rank + 2)])
+    ref_logps = -20.0 + torch.randn(2 * b, generator=torch.Generator().manual_seed(2))
+    for reshard in (True, False):
+        runs = {}
+        for kind in ("plain", "fsdp2"):
+            model = Tiny()
+            if kind == "fsdp2":
+                fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            rows = mine if kind == "fsdp2" else torch.arange(2 * b)
+            losses, head_kinds = [], set()
+            for _ in range(5):
+                h = model(ids[rows])
+                head_kinds.add(type(model.head.weight).__name__)
+                loss, _ = fusedpref.preference_loss(h, model.head.weight, targets[rows], bias=model.head.bias,
+                                                    ref_logps=ref_logps[rows], loss_type="sigmoid", beta=0.5,
+                                                    backend="torch")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mean = loss.detach().clone()
+                if kind == "fsdp2":
+                    dist.all_reduce(mean)
+                    mean /= world
+                losses.append(mean)
+            full = [p.full_tensor() if isinstance(p, DTensor) else p for p in (model.head.weight, model.proj.weight)]
+            runs[kind] = (torch.stack(losses), *(p.detach().clone() for p in full))
+            if kind == "fsdp2":
+                assert head_kinds == ({"DTensor"} if reshard else {"Parameter"}), head_kinds
+        for name, a, c in zip(("mean loss", "head weight", "body weight"), runs["fsdp2"], runs["plain"]):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=f"reshard={reshard} rank {rank}: {name}")
+
+
+def test_tensor_parallel_dtensor_head_trains_as_the_unsharded_model():
+    run_ranks(_ranks_tensor_parallel, 2)
+
+
+def test_fsdp2_head_gathered_once_trains_as_the_unsharded_model():
+    run_ranks(_ranks_fsdp2, 2)

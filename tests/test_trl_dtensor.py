@@ -1,27 +1,16 @@
 """FSDP2 weights in the TRL heads: a DTensor head (sharded over 2 gloo processes on 127.0.0.1)
 gives the same outputs and gradients as the full tensor, in FusedLogProbHead, FusedDivergence
-and TRL's add_fused_lm_head forward of a tiny model sharded with fully_shard."""
-import gc
-import os
-import socket
-import traceback
-import warnings
-
+and TRL's add_fused_lm_head forward of a tiny model sharded with fully_shard; DPOTrainer on an
+FSDP2 model, each rank its own pairs, trains as the unsharded model on all of them."""
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_helpers import run_ranks
 from helpers import optional
 
 optional("trl")
 
 WORLD = 2
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _problem(seed=0, n=13, d=16, v=96, d_t=24):
@@ -94,39 +83,63 @@ def _fsdp_model(rank):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
 
 
-def _worker(rank, port, which, errors):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _dpo_trainer_fsdp2(rank):
+    """DPOTrainer (fusedpref's heads, sigmoid and EXPO) on a tiny Llama under fully_shard, each rank
+    its own 4 of the 8 pairs, 3 SGD steps: the ranks' mean logged loss equals the unsharded model's
+    on all 8 pairs (FSDP2 averages the gradients)."""
+    import tempfile
+
+    import trl_trainers as T
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import init_device_mesh
+    from trl import DPOConfig, DPOTrainer
+
+    import fusedpref.integrations.trl as fp_trl
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    data = T.preference_data()
+    calls = []
+    original = fp_trl.FusedLogProbHead.apply
+    fp_trl.FusedLogProbHead.apply = staticmethod(lambda *a, **k: calls.append(1) or original(*a, **k))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        {"heads": _heads, "fsdp": _fsdp_model}[which](rank)
-        errors.put(f"ok {rank}")
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        errors.put(traceback.format_exc())
+        for loss_type in ("sigmoid", "expo"):
+            losses = {}
+            for kind in ("plain", "fsdp2"):
+                model = T.model()
+                ds = data
+                if kind == "fsdp2":
+                    for layer in model.model.layers:
+                        fully_shard(layer, mesh=mesh)
+                    fully_shard(model, mesh=mesh)
+                    ds = data.select(range(4 * rank, 4 * rank + 4))
+                cfg = DPOConfig(output_dir=tempfile.mkdtemp(), max_steps=3, report_to=[], logging_steps=1,
+                                save_strategy="no", use_cpu=True, learning_rate=0.1, optim="sgd", seed=0, bf16=False,
+                                per_device_train_batch_size=len(ds), loss_type=loss_type)
+                n_calls = len(calls)
+                with T.patched(True):
+                    trainer = DPOTrainer(model=model, ref_model=T.model(), args=cfg, train_dataset=ds,
+                                         processing_class=T.tokenizer())
+                    trainer.train()
+                assert len(calls) > n_calls, "fusedpref's head did not run"
+                got = torch.tensor([row["loss"] for row in trainer.state.log_history if "loss" in row])
+                if kind == "fsdp2":
+                    dist.all_reduce(got)
+                    got /= WORLD
+                losses[kind] = got
+            assert losses["plain"].numel() == 3
+            torch.testing.assert_close(losses["fsdp2"], losses["plain"], rtol=1e-5, atol=1e-6,
+                                       msg=f"{loss_type} rank {rank}")
     finally:
-        if dist.is_initialized():
-            # every rank's collectives done (FSDP2's hooks included) before the group goes away
-            gc.collect()
-            dist.barrier()
-            dist.destroy_process_group()
+        fp_trl.FusedLogProbHead.apply = original
 
 
-@pytest.mark.parametrize("which", ["heads", "fsdp"])
+CHECKS = {"heads": _heads, "fsdp": _fsdp_model, "dpo_fsdp2": _dpo_trainer_fsdp2}
+
+
+def _ranks(rank, world, which):
+    CHECKS[which](rank)
+
+
+@pytest.mark.parametrize("which", list(CHECKS))
 def test_dtensor_heads_over_two_gloo_processes(which):
-    ctx = mp.get_context("spawn")
-    reports = ctx.SimpleQueue()
-    procs = mp.start_processes(_worker, args=(_free_port(), which, reports), nprocs=WORLD, start_method="spawn",
-                               join=False)
-    for p in procs.processes:
-        p.join(timeout=300)
-    for p in procs.processes:
-        if p.is_alive():        # a hang: stop it, and the missing report fails the test
-            p.terminate()
-    got = []
-    while not reports.empty():
-        got.append(reports.get())
-    failures = [r for r in got if not r.startswith("ok ")]
-    assert not failures, "\n".join(failures)
-    assert sorted(got) == [f"ok {r}" for r in range(WORLD)], got      # every rank checked its results
-    crashed = [(i, p.exitcode) for i, p in enumerate(procs.processes) if p.exitcode != 0]
-    if crashed:   # after reporting: a crash in torch.distributed's teardown, not in what is tested
-        warnings.warn(f"ranks {crashed} exited abnormally after their checks passed (teardown)")
+    run_ranks(_ranks, WORLD, which)

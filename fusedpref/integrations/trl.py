@@ -27,7 +27,9 @@ TRL's logits are softcap(s (h W^T + b)) / T for a logit scale s, a soft-cap c an
 T; fusedpref's are softcap'(h W^T + b) * scale, so the cap is c / |s| and the scale s / T.
 
 Distributed weights: TRL gathers an FSDP2 DTensor head with `full_tensor()` before calling a
-head, and so do these (a DTensor reaching them is gathered once). Under DeepSpeed ZeRO-3 TRL
+head, and so do these (a DTensor reaching them is gathered once; its gradient is reduce-scattered
+and averaged over the mesh, as FSDP2 reduces every parameter's, where TRL's assumes it identical
+on every rank). Under DeepSpeed ZeRO-3 TRL
 gathers the partitioned head with `maybe_gather_lm_head_ctx`; `patch_trl()` registers it with
 fusedpref.functions.set_weight_gather, so fusedpref's backward recompute gathers too, and
 `FusedDivergence` gathers in its forward as TRL's function does.
@@ -53,8 +55,11 @@ _CAPTURE = None              # a list while the EXPO path collects the heads' in
 
 
 def _full(t):
-    """A DTensor gathered once (FSDP2), anything else unchanged."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    """A DTensor gathered once (FSDP2: its gradient reduce-scattered and averaged, as FSDP2 reduces
+    every parameter's; fusedpref.distributed.gather), anything else unchanged."""
+    from ..distributed import gather
+
+    return gather(t)
 
 
 def _transform(logit_scale, softcap, temperature, what="logit_scale"):
