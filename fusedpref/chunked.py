@@ -147,17 +147,24 @@ def logprob_partials(h, w, b, y, softcap, with_stats: bool, scale=None):
     return _logprob_pass(h, w, b, y, softcap, with_stats, scale).planes()
 
 
+def target_direction(w, y, zy, softcap, scale, dtype):
+    """k(z_y) W[y] [n, D] in dtype; 0 on rows whose target lies outside [0, V) (another shard's)."""
+    own = (y >= 0) & (y < w.shape[0])
+    wy = w.index_select(0, torch.where(own, y, 0)).to(dtype)
+    k = _chain(zy, softcap, scale)
+    wy = wy if k is None else wy * (k[:, None] if torch.is_tensor(k) else k)
+    return wy if bool(own.all()) else wy * own[:, None].to(dtype)
+
+
 def frozen_direction(w, y, zy, acc, total, softcap, scale):
     """d = k(z_y) W[y] - acc / total [n, D] in acc's dtype: the frozen head's dlogp / dh, from the
     softmax-weighted sum acc = sum_v exp(z_v - m) k(z_v) W[v] and total = sum_v exp(z_v - m)."""
-    wy = w.index_select(0, y).to(acc.dtype)
-    k = _chain(zy, softcap, scale)
-    return (wy if k is None else wy * (k[:, None] if torch.is_tensor(k) else k)) - acc / total[:, None]
+    return target_direction(w, y, zy, softcap, scale, acc.dtype) - acc / total[:, None]
 
 
-def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
-    """As fusedpref.ops.logprob_forward_frozen: (logp, lse, stats, d [Nv, D]) from one sweep: per
-    chunk the logits (2 n D C FLOPs), then acc = alpha acc + (p k) @ W_chunk (2 n D C)."""
+def _frozen_pass(h, w, b, y, softcap, with_stats, scale):
+    """The frozen head's sweep: per chunk the logits (2 n D C FLOPs), then acc = alpha acc +
+    (p k) @ W_chunk (2 n D C): (the online pass, acc relative to its max)."""
     n, dd = h.shape
     hf = h.to(acc_dtype(h.dtype))
     pol = _OnlinePass(n, h.device, y, with_stats, hf.dtype)
@@ -169,7 +176,19 @@ def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
         if chain is not None:
             p = p.mul_(chain)
         acc = torch.addmm(acc.mul_(alpha[:, None]), p, w[v0:v1].to(hf.dtype))   # (FlopCounterMode counts addmm)
+    return pol, acc
+
+
+def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
+    """As fusedpref.ops.logprob_forward_frozen: (logp, lse, stats, d [Nv, D]) from one sweep."""
+    pol, acc = _frozen_pass(h, w, b, y, softcap, with_stats, scale)
     return pol.logp(), pol.lse(), pol.stats(), frozen_direction(w, y, pol.zy, acc, pol.l, softcap, scale)
+
+
+def logprob_partials_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
+    """As fusedpref.ops.logprob_partials_frozen: (partials, argmax ids or None, acc [Nv, D])."""
+    pol, acc = _frozen_pass(h, w, b, y, softcap, with_stats, scale)
+    return (*pol.planes(), acc)
 
 
 def head_backward(h, w, need_h, need_w, need_b, chunk_dz, dh_dtype=None):
@@ -282,6 +301,18 @@ def kl_partials(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale
     """As fusedpref.ops.kl_partials: ([11, Nv] partials, argmax ids [Nv] or None)."""
     pol, ref, a, _, _ = _kl_sweep(h, w, b, rh, rw, rb, softcap, y, with_stats, scale, ref_softcap, ref_scale, div,
                                   False)
+    return _kl_planes(pol, ref, a, y, with_stats)
+
+
+def kl_partials_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
+                       ref_scale=None):
+    """As fusedpref.ops.kl_partials_frozen: (partials, argmax ids or None, acc_p, acc_q [Nv, D])."""
+    pol, ref, a, acc_p, acc_q = _kl_sweep(h, w, b, rh, rw, rb, softcap, y, with_stats, scale, ref_softcap,
+                                          ref_scale, 0, True)
+    return (*_kl_planes(pol, ref, a, y, with_stats), acc_p, acc_q)
+
+
+def _kl_planes(pol, ref, a, y, with_stats):
     planes, arg = pol.planes()
     if not with_stats:
         planes = torch.cat([planes, planes.new_zeros((4, planes.shape[1]))])

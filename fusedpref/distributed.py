@@ -132,9 +132,20 @@ class Saved:
         self.shard, self.idx, self.y_local = shard, idx, y_local
 
 
-def logprob_fwd(hidden, weight, targets, bias, ignore_index, softcap, scale, backend, with_stats, group):
-    """As fusedpref._library.logprob_fwd over a vocabulary-parallel group: (logp [n], lse [n],
-    stats [n, 4] or [0], Saved)."""
+def _shard_direction(weight, y_local, zy, acc, local_max, merged_max, total, softcap, scale):
+    """This shard's part of a frozen head's direction, d_r = [target here] k(z_y) W_r[y] -
+    e^(m_r - M) acc_r / L (fp32 [Nv, D]); the group's d is the sum over the shards, which the
+    backward's all_reduce of dH forms."""
+    from .chunked import target_direction
+
+    factor = torch.exp(local_max - merged_max) / total
+    return target_direction(weight, y_local, zy, softcap, scale, acc.dtype) - acc * factor[:, None].to(acc.dtype)
+
+
+def logprob_fwd(hidden, weight, targets, bias, ignore_index, softcap, scale, backend, with_stats, group,
+                frozen=False):
+    """As fusedpref._library.logprob_fwd (frozen: logprob_fwd_frozen) over a vocabulary-parallel
+    group: (logp [n], lse [n], stats [n, 4] or [0], this shard's direction [n, D] or None, Saved)."""
     n = targets.shape[0]
     dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     idx = (targets != ignore_index).nonzero().squeeze(1)
@@ -143,21 +154,41 @@ def logprob_fwd(hidden, weight, targets, bias, ignore_index, softcap, scale, bac
     logp, lse = hidden.new_zeros(n, dtype=dt), hidden.new_zeros(n, dtype=dt)
     stats = hidden.new_zeros((n, 4) if with_stats else (0,), dtype=dt)
     y_local = shard.local_targets(y, _absent(ignore_index))
+    direction = hidden.new_zeros((n, hidden.shape[1]), dtype=dt) if frozen else None
     if idx.numel():
+        h = hidden.index_select(0, idx)
         with torch.autocast(hidden.device.type, enabled=False):
-            if shard.size:
-                planes, arg = _impl(backend).logprob_partials(hidden.index_select(0, idx), weight, bias, y_local,
-                                                              softcap, with_stats, scale=scale)
+            acc = None
+            if shard.size and frozen:
+                planes, arg, acc = _impl(backend).logprob_partials_frozen(h, weight, bias, y_local, softcap,
+                                                                          with_stats, scale=scale)
+            elif shard.size:
+                planes, arg = _impl(backend).logprob_partials(h, weight, bias, y_local, softcap, with_stats,
+                                                              scale=scale)
             else:
                 planes, arg = _empty_partials(idx.numel(), ONE_HEAD if with_stats else 3, with_stats, dt,
                                               hidden.device)
-            merged, best = shard.merge(planes.to(dt), arg)
+            planes = planes.to(dt)
+            merged, best = shard.merge(planes, arg)
             lp, ls, st = finish_logprob(merged, best, y)
+            if acc is not None:
+                direction.index_copy_(0, idx, _shard_direction(
+                    weight, y_local, planes[PLANES["zy"]], acc, planes[PLANES["m_z"]], merged[PLANES["m_z"]],
+                    merged[PLANES["l_z"]], softcap, scale).to(dt))
         logp.index_copy_(0, idx, lp)
         lse.index_copy_(0, idx, ls)
         if with_stats:
             stats.index_copy_(0, idx, st)
-    return logp, lse, stats, Saved(shard, idx, y_local)
+    return logp, lse, stats, direction, Saved(shard, idx, y_local)
+
+
+def reduce_direction_grad(saved, dh, reduce_hidden_grad):
+    """The frozen path's dH = g d_r [n, D] (fp32) summed over the group on the valid rows."""
+    if reduce_hidden_grad and saved.idx.numel():
+        rows = dh.index_select(0, saved.idx).contiguous()
+        saved.shard.all_reduce_(rows)
+        dh.index_copy_(0, saved.idx, rows)
+    return dh
 
 
 def _grads(saved, hidden, weight, bias, got, needs, reduce_hidden_grad):
@@ -202,9 +233,11 @@ def _acc(hidden):
 
 
 def kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap, scale,
-           ref_softcap, ref_scale, div, beta, backend, with_logp, with_stats, group):
+           ref_softcap, ref_scale, div, beta, backend, with_logp, with_stats, group, frozen=False):
     """As fusedpref._library.kl_fwd over a vocabulary-parallel group: (div, lse, rlse, aux [n];
-    logp, ref_logp [n] or [0]; stats [n, 4] or [0]; Saved)."""
+    logp, ref_logp [n] or [0]; stats [n, 4] or [0]; Saved), and with frozen (div 0, a frozen policy
+    head: kl_fwd_frozen's one sweep) first this shard's parts of the directions (d_lp [n, D] or
+    None, d_kl [n, D]), then Saved."""
     n = targets.shape[0]
     dt = _acc(hidden)
     idx = (targets != ignore_index).nonzero().squeeze(1)
@@ -214,18 +247,37 @@ def kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, igno
     logp, ref_logp = (hidden.new_zeros(n if with_logp else 0, dtype=dt) for _ in range(2))
     stats = hidden.new_zeros((n, 4) if with_stats else (0,), dtype=dt)
     y_local = shard.local_targets(y, _absent(ignore_index))
+    d_lp = hidden.new_zeros((n, hidden.shape[1]), dtype=dt) if frozen and with_logp else None
+    d_kl = hidden.new_zeros((n, hidden.shape[1]), dtype=dt) if frozen else None
     if idx.numel():
         h, rh = hidden.index_select(0, idx), ref_hidden.index_select(0, idx)
         impl = _impl(backend)
         opts = dict(scale=scale, ref_softcap=ref_softcap, ref_scale=ref_scale)
+        yl = y_local if with_logp else None
         with torch.autocast(hidden.device.type, enabled=False):
-            if shard.size:
-                planes, arg = impl.kl_partials(h, weight, bias, rh, ref_weight, ref_bias, softcap,
-                                               y_local if with_logp else None, with_stats, div=div, **opts)
+            acc_p = None
+            if shard.size and frozen:
+                planes, arg, acc_p, acc_q = impl.kl_partials_frozen(h, weight, bias, rh, ref_weight, ref_bias,
+                                                                    softcap, yl, with_stats, **opts)
+            elif shard.size:
+                planes, arg = impl.kl_partials(h, weight, bias, rh, ref_weight, ref_bias, softcap, yl, with_stats,
+                                               div=div, **opts)
             else:
                 planes, arg = _empty_partials(idx.numel(), len(PLANES), with_stats, dt, hidden.device)
-            merged, best = shard.merge(planes.to(dt), arg, div)
+            planes = planes.to(dt)
+            merged, best = shard.merge(planes, arg, div)
             out = finish_kl(merged, best, y if with_logp else None, div)
+            if acc_p is not None:
+                zmax, zmerged, rmax, rmerged = (t[PLANES[k]] for t, k in ((planes, "m_z"), (merged, "m_z"),
+                                                                          (planes, "m_r"), (merged, "m_r")))
+                ep = acc_p * (torch.exp(zmax - zmerged) / out["ztotal"])[:, None].to(acc_p.dtype)
+                eq = acc_q * (torch.exp(rmax - rmerged) / out["rtotal"])[:, None].to(acc_q.dtype)
+                d_kl.index_copy_(0, idx, (ep - eq).to(dt))
+                if d_lp is not None:
+                    from .chunked import target_direction
+
+                    d_lp.index_copy_(0, idx, (target_direction(weight, y_local, planes[PLANES["zy"]], softcap, scale,
+                                                               acc_p.dtype) - ep).to(dt))
             if div == 2:   # the second pass over each shard given the merged lse, then one all_reduce
                 if shard.size:
                     jsd, kls = impl.jsd_sums(h, weight, bias, rh, ref_weight, ref_bias, out["lse"], out["rlse"],
@@ -238,7 +290,10 @@ def kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, igno
                      (stats, "stats"), (aux, "aux")):
             if out[k] is not None:
                 t.index_copy_(0, idx, out[k].to(dt))
-    return dv, lse, rlse, aux, logp, ref_logp, stats, Saved(shard, idx, y_local)
+    saved = Saved(shard, idx, y_local)
+    if frozen:
+        return dv, lse, rlse, aux, logp, ref_logp, stats, d_lp, d_kl, saved
+    return dv, lse, rlse, aux, logp, ref_logp, stats, saved
 
 
 def kl_bwd(saved, grad_div, grad_logp, grad_stats, hidden, weight, ref_hidden, ref_weight, bias, ref_bias, lse,

@@ -161,12 +161,12 @@ class LinearLogProbs(torch.autograd.Function):
         scale = check_scale(logit_scale)
         with_stats = bool(with_stats)
         needs = _needs(ctx, bias)
-        ctx.frozen = needs[0] and not any(needs[1:]) and frozen_path() == "one-pass" and group is None
+        ctx.frozen = needs[0] and not any(needs[1:]) and frozen_path() == "one-pass"
         direction = None
         ctx.dist = None
         if group is not None:   # vocabulary-parallel: the world's partials merged, per-row results
-            logp, lse, stats, ctx.dist = distributed.logprob_fwd(flat, weight, y, bias, ignore_index, softcap, scale,
-                                                                 backend, with_stats, group)
+            logp, lse, stats, direction, ctx.dist = distributed.logprob_fwd(
+                flat, weight, y, bias, ignore_index, softcap, scale, backend, with_stats, group, frozen=ctx.frozen)
         elif ctx.frozen:   # the LoRA case: dlogp/dh from the forward's sweep, backward one multiply
             logp, lse, stats, direction = _library.logprob_fwd_frozen(flat, weight, y, bias, ignore_index, softcap,
                                                                       scale, backend, with_stats)
@@ -190,8 +190,10 @@ class LinearLogProbs(torch.autograd.Function):
         gst = None if grad_stats is None or not ctx.with_stats else grad_stats.reshape(-1, _library.N_STATS)
         rest = (None,) * 7
         if ctx.frozen and gst is None:     # dH = g d: no pass over the vocabulary
-            dh = (g.to(direction.dtype)[:, None] * direction).to(ctx.hdtype)
-            dh, _, _ = _policy_grads(ctx, dh, None, None, needs, (flat, weight, bias))
+            dh = g.to(direction.dtype)[:, None] * direction
+            if ctx.dist is not None:       # d is this shard's part: the group's sum
+                dh = distributed.reduce_direction_grad(ctx.dist, dh, ctx.reduce_hidden_grad)
+            dh, _, _ = _policy_grads(ctx, dh.to(ctx.hdtype), None, None, needs, (flat, weight, bias))
             return dh, None, None, None, *rest
         if ctx.dist is not None:
             dh, dw, db = distributed.logprob_bwd(ctx.dist, g, gst, flat, weight, bias, lse, stats, ctx.softcap,
@@ -256,13 +258,15 @@ def _kl_forward(ctx, heads: _Heads, with_logp, with_stats):
     ctx.set_materialize_grads(False)
     k = heads
     needs = _needs(ctx, k.bias, 5)
-    ctx.frozen = needs[0] and not any(needs[1:]) and k.div == 0 and frozen_path() == "one-pass" and k.group is None
+    ctx.frozen = needs[0] and not any(needs[1:]) and k.div == 0 and frozen_path() == "one-pass"
     d_lp = d_kl = None
     ctx.dist, ctx.reduce_hidden_grad = None, k.reduce_hidden_grad
-    if k.group is not None:     # vocabulary-parallel
+    if k.group is not None:     # vocabulary-parallel (frozen: this shard's parts of the directions)
         *out, ctx.dist = distributed.kl_fwd(
             k.flat, k.weight, k.rflat, k.rw, k.y, k.bias, k.rb, k.ignore_index, k.softcap, k.scale, k.ref_softcap,
-            k.ref_scale, k.div, k.beta, k.backend, with_logp, with_stats, k.group)
+            k.ref_scale, k.div, k.beta, k.backend, with_logp, with_stats, k.group, frozen=ctx.frozen)
+        if ctx.frozen:
+            *out, d_lp, d_kl = out
         out = tuple(out)
     elif ctx.frozen:
         kl, lse, rlse, logp, ref_logp, stats, d_lp, d_kl = _library.kl_fwd_frozen(
@@ -293,6 +297,8 @@ def _kl_backward(ctx, grad_div, grad_logp, grad_stats=None):
             dh += grad_div.reshape(-1, 1).to(dh.dtype) * d_kl
         if grad_logp is not None:
             dh += grad_logp.reshape(-1, 1).to(dh.dtype) * d_lp
+        if ctx.dist is not None:           # the directions are this shard's parts: the group's sum
+            dh = distributed.reduce_direction_grad(ctx.dist, dh, ctx.reduce_hidden_grad)
         return _policy_grads(ctx, dh.to(ctx.hdtype), None, None, needs, (flat, weight, bias))
     g = torch.zeros_like(lse) if grad_div is None else grad_div.reshape(-1)
     if ctx.dist is not None:

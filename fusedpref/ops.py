@@ -162,10 +162,10 @@ def _fold_tiles(part, arg, c, tile_part, tile_arg, fields, sums_of):
         arg[c] = tile_arg.gather(0, best).squeeze(0)
 
 
-def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
-    """The frozen-head forward (kernels/frozen.py): logp, lse [Nv], stats [Nv, 4] or None as
-    logprob_forward, and the direction d [Nv, D] fp32 with dlogp_i / dh_i = d_i, from one sweep
-    over the vocabulary (2 N D V FLOPs of logits + 2 N D V of P @ W)."""
+def logprob_partials_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
+    """The frozen-head sweep (kernels/frozen.py): the merged partials and argmax ids as
+    logprob_partials', and acc [Nv, D] fp32 = sum_v exp(z_v - m) k(z_v) W[v] relative to the merged
+    max m (2 N D V FLOPs of logits + 2 N D V of P @ W)."""
     n, d = h.shape
     vocab = w.shape[0]
     tiles = config.tiles("dz", h.device, h.dtype)
@@ -199,7 +199,13 @@ def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
         alpha = torch.exp(m_run - m_new)                        # 0 before the first chunk
         _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc, row_scale=alpha)
         m_run = m_new
-    merged, best = merge(part, arg)
+    return (*merge(part, arg), acc)
+
+
+def logprob_forward_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
+    """The frozen-head forward: logp, lse [Nv], stats [Nv, 4] or None as logprob_forward, and the
+    direction d [Nv, D] fp32 with dlogp_i / dh_i = d_i, from one sweep over the vocabulary."""
+    merged, best, acc = logprob_partials_frozen(h, w, b, y, softcap, with_stats, scale)
     logp, lse, stats = finish_logprob(merged, best, y)
     return logp, lse, stats, frozen_direction(w, y, merged[KL_PLANES["zy"]], acc, merged[KL_PLANES["l_z"]],
                                               softcap, scale)
@@ -297,13 +303,12 @@ def kl_forward(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=
     return tuple(out[k] for k in ("div", "lse", "rlse", "logp", "ref_logp", "stats", "aux"))
 
 
-def kl_forward_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
-                      ref_scale=None):
+def kl_partials_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
+                       ref_scale=None):
     """KL(p_ref || p) with a frozen policy head, one sweep by vocabulary chunks
-    (kernels/frozen.py): as kl_forward (div 0) plus the directions of dH,
-        d_kl = E_p[k W] - E_ref[k W]           (dKL/dh)
-        d_lp = k(z_y) W[y] - E_p[k W]          (dlogp/dh; with targets y, else None)
-    fp32 [Nv, D]. 4 N D V FLOPs of logits (both heads) + 4 N D V of P @ W and Q @ W."""
+    (kernels/frozen.py): the merged partials and argmax ids as kl_partials' (div 0), and
+    acc_p, acc_q [Nv, D] fp32 = sum_v exp(z_v - m_z) k(z_v) W[v] and sum_v exp(r_v - m_r) k(z_v) W[v]
+    relative to the merged maxes. 4 N D V FLOPs of logits (both heads) + 4 N D V of P @ W and Q @ W."""
     n, d = h.shape
     vocab = w.shape[0]
     logp_on = y is not None
@@ -347,10 +352,23 @@ def kl_forward_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *,
         _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc_p, row_scale=torch.exp(mz_run - mz_new))
         _mm_acc(q_buf[:, : v1 - v0], w[v0:v1], acc_q, row_scale=torch.exp(mr_run - mr_new))
         mz_run, mr_run = mz_new, mr_new
-    out = finish_kl(*merge(part, arg, 0), y, 0)
+    return (*merge(part, arg, 0), acc_p, acc_q)
+
+
+def kl_forward_frozen(h, w, b, rh, rw, rb, softcap, y=None, with_stats=False, *, scale=None, ref_softcap=None,
+                      ref_scale=None):
+    """KL(p_ref || p) with a frozen policy head, one sweep: as kl_forward (div 0) plus the
+    directions of dH,
+        d_kl = E_p[k W] - E_ref[k W]           (dKL/dh)
+        d_lp = k(z_y) W[y] - E_p[k W]          (dlogp/dh; with targets y, else None)
+    fp32 [Nv, D]."""
+    merged, arg, acc_p, acc_q = kl_partials_frozen(h, w, b, rh, rw, rb, softcap, y, with_stats, scale=scale,
+                                                   ref_softcap=ref_softcap, ref_scale=ref_scale)
+    out = finish_kl(merged, arg, y, 0)
+    logp_on = y is not None
     ep = acc_p / out["ztotal"][:, None]
     d_kl = ep - acc_q / out["rtotal"][:, None]
-    d_lp = frozen_direction(w, y, part[KL_PLANES["zy"]].sum(0), acc_p, out["ztotal"], softcap, scale) if logp_on \
+    d_lp = frozen_direction(w, y, merged[KL_PLANES["zy"]], acc_p, out["ztotal"], softcap, scale) if logp_on \
         else None
     return out["div"], out["lse"], out["rlse"], out["logp"], out["ref_logp"], out["stats"], d_lp, d_kl
 

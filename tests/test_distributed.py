@@ -70,19 +70,23 @@ def _leaf(t, dtype=None):
     return t.detach().clone().to(dtype or t.dtype).requires_grad_()
 
 
-def _evaluate(fn, h, w, b, upstream, group=None, sizes=None):
+def _evaluate(fn, h, w, b, upstream, group=None, sizes=None, frozen=False):
     """fn(h, w, b, group) -> dict of outputs; returns outputs and (dH, gathered dW, gathered db) of
-    sum <upstream_k, out_k> (a fixed random weighting of every differentiable output)."""
-    h, w, b = _leaf(h), _leaf(w), _leaf(b)
+    sum <upstream_k, out_k> (a fixed random weighting of every differentiable output); frozen: the
+    head does not require grad, dH only."""
+    h = _leaf(h)
+    w, b = (w.detach(), b.detach()) if frozen else (_leaf(w), _leaf(b))
     out = fn(h, w, b, group)
     total = sum((o * upstream[k].to(o.dtype)).sum() for k, o in out.items() if o.requires_grad)
+    if frozen:
+        return {**{k: o.detach() for k, o in out.items()}, "dH": torch.autograd.grad(total, h)[0]}
     dh, dw, db = torch.autograd.grad(total, (h, w, b))
     if group is not None:
         dw, db = _gather_rows(dw, sizes), _gather_rows(db, sizes)
     return {**{k: o.detach() for k, o in out.items()}, "dH": dh, "dW": dw, "db": db}
 
 
-def _compare(fn, oracle_fn, problem, rank, world, backend):
+def _compare(fn, oracle_fn, problem, rank, world, backend, frozen=False):
     h, w, b, rh, rw, rb, y = problem
     sizes = _sizes(world, w.shape[0])
     lo, hi = _span(sizes, rank)
@@ -94,12 +98,12 @@ def _compare(fn, oracle_fn, problem, rank, world, backend):
         return lambda hh, ww, bb, group: f(hh, ww, bb, *ref, y, group, be)
 
     shard_ref = (rh, rw[lo:hi], rb[lo:hi])
-    got = _evaluate(bind(fn, backend, shard_ref), h, w[lo:hi], b[lo:hi], upstream, dist.group.WORLD, sizes)
-    single = _evaluate(bind(fn, backend, (rh, rw, rb)), h, w, b, upstream)
+    got = _evaluate(bind(fn, backend, shard_ref), h, w[lo:hi], b[lo:hi], upstream, dist.group.WORLD, sizes, frozen)
+    single = _evaluate(bind(fn, backend, (rh, rw, rb)), h, w, b, upstream, frozen=frozen)
     f64 = tuple(t.double() for t in (rh, rw, rb))
-    oracle = _evaluate(bind(oracle_fn, None, f64), h.double(), w.double(), b.double(), upstream)
+    oracle = _evaluate(bind(oracle_fn, None, f64), h.double(), w.double(), b.double(), upstream, frozen=frozen)
     for k in oracle:
-        _check(f"{fn.__name__} {backend} rank {rank}: {k}", got[k], single[k], oracle[k])
+        _check(f"{fn.__name__}{' frozen' if frozen else ''} {backend} rank {rank}: {k}", got[k], single[k], oracle[k])
 
 
 # the primitives and their float64 oracles: (h, w, b, rh, rw, rb, y, group, backend) -> dict
@@ -118,6 +122,18 @@ def logprobs_stats_oracle(h, w, b, rh, rw, rb, y, group, backend):
     st = R.eager_token_stats(h, w, y, b)
     return {"logp": R.eager_logprobs(h, w, y, b), "logit_sum": st[..., 0], "entropy": st[..., 1],
             "hit": st[..., 2].detach(), "log_sum_sq": st[..., 3]}
+
+
+def logprobs(h, w, b, rh, rw, rb, y, group, backend):
+    import fusedpref
+
+    return {"logp": fusedpref.linear_logprobs(h, w, y, bias=b, softcap=6.0, backend=backend, process_group=group)}
+
+
+def logprobs_oracle(h, w, b, rh, rw, rb, y, group, backend):
+    from fusedpref import reference as R
+
+    return {"logp": R.eager_logprobs(h, w, y, b, softcap=6.0)}
 
 
 def kl(h, w, b, rh, rw, rb, y, group, backend):
@@ -212,6 +228,21 @@ def _ranks_primitives(rank, world, backend):
     problem = _problem()
     for fn, oracle in PRIMITIVES:
         _compare(fn, oracle, problem, rank, world, backend)
+    # a frozen head (LoRA) under a process group: the one-pass path, each shard's part of the
+    # direction summed by the dH all_reduce
+    import fusedpref.chunked
+    import fusedpref.ops
+
+    taken = []
+    for mod in (fusedpref.chunked, fusedpref.ops):
+        for name in ("logprob_partials_frozen", "kl_partials_frozen"):
+            original = getattr(mod, name)
+            setattr(mod, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
+    for fn, oracle in ((logprobs, logprobs_oracle), (kl, kl_oracle), (logprobs_kl, logprobs_kl_oracle)):
+        before = len(taken)
+        _compare(fn, oracle, problem, rank, world, backend, frozen=True)
+        assert len(taken) > before or _span(_sizes(world, 37), rank)[0] == _span(_sizes(world, 37), rank)[1], \
+            f"{fn.__name__}: the one-pass frozen path was not taken"
 
 
 def _ranks_losses(rank, world, backend):
