@@ -66,12 +66,34 @@ def _rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1)).item()
 
 
+def _one_rank_group(device):
+    """A one-rank process group (NCCL on CUDA, gloo on the CPU) for the vocabulary-parallel paths
+    (their collectives and index work on the device), or None where torch.distributed cannot start."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.group.WORLD
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                init_method=f"tcp://127.0.0.1:{port}")
+    except Exception as exc:  # reported by the smoke lines that need it
+        print(f"smoke: no process group ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+    return dist.group.WORLD
+
+
 def smoke(dry_run=False, out=print):
     import torch
 
     import fusedpref
 
     device = torch.device("cpu" if dry_run else "cuda")
+    group = _one_rank_group(device)
     shapes = DRY if dry_run else {"misaligned": MISALIGNED, "main": MAIN}
     ok = True
     for shape_name, (n, d, v) in shapes.items():
@@ -95,6 +117,11 @@ def smoke(dry_run=False, out=print):
                     h, w, rh, rw, y, None, None, -100, b, 0.5, None, 8.0, 1 / 0.7, None, True)
                 paths["rkl+cap"] = lambda b, h, w: (fusedpref.linear_divergence(
                     h, w, rh, rw, y, beta=1.0, softcap=20.0, temperature=0.8, backend=b),)
+                # vocabulary-parallel (a one-rank group: the partials' merge, the collectives on the device)
+                paths["vp:lp+kl+stats"] = lambda b, h, w: fusedpref.LinearLogProbsKL.apply(
+                    h, w, rh, rw, y, None, None, -100, None, b, True, group)[::3]
+                paths["vp:frozen"] = lambda b, h, w: (fusedpref.linear_logprobs(
+                    h, w.detach(), y, softcap=20.0, backend=b, process_group=group),)
             for name, fn in paths.items():
                 t0 = time.perf_counter()
                 try:
