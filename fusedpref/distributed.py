@@ -16,8 +16,9 @@ each rank computes dW, db of its shard and its partial dH = dz @ W_r, which one 
 sums, unless the caller's framework reduces it (reduce_hidden_grad=False).
 
 Bytes sent per rank and call, Nv valid rows: 8 * 5 (the layout/consistency check), 4 * P * Nv
-(P planes: 3 log-probs, +1 per statistic group, see README), + 8 * Nv for the JSD; backward
-4 * Nv * D (the all_reduce of dH). Nothing of size V crosses ranks.
+(P planes: 3 for one head, 11 for two; with statistics one head has 8, two heads 12, the argmax id
+included), + 8 * Nv for the JSD's sums; backward 4 * Nv * D (the all_reduce of dH). Nothing of
+size V crosses ranks (README "Distributed" derives the per-step totals).
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ class VocabShard:
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of process_group")
         self.device = hidden.device
         checksum = int((targets.long() * torch.arange(1, targets.numel() + 1, device=targets.device)).sum()) \
             if targets.numel() else 0
@@ -57,11 +60,11 @@ class VocabShard:
         every = torch.empty(self.world * mine.numel(), dtype=torch.int64, device=self.device)
         all_gather(every, mine, group)
         every = every.view(self.world, -1).tolist()
-        for col, what in ((1, "the number of rows of hidden"), (2, "the hidden size D"),
-                          (3, "the number of valid targets"), (4, "the targets")):
+        for col, what in ((1, "the row counts of hidden"), (2, "the hidden sizes D"),
+                          (3, "the numbers of valid targets"), (4, "the targets (checksums)")):
             if len({row[col] for row in every}) != 1:
                 raise ValueError(f"vocabulary-parallel heads need the same hidden states and targets on every rank "
-                                 f"of process_group; {what} differs across ranks "
+                                 f"of process_group; {what} differ across ranks "
                                  f"({[row[col] for row in every]}). Ranks that hold different data (data "
                                  "parallel, FSDP) must not pass process_group: gather the head instead")
         self.sizes = [row[0] for row in every]
@@ -132,14 +135,20 @@ class Saved:
         self.shard, self.idx, self.y_local = shard, idx, y_local
 
 
-def _shard_direction(weight, y_local, zy, acc, local_max, merged_max, total, softcap, scale):
-    """This shard's part of a frozen head's direction, d_r = [target here] k(z_y) W_r[y] -
-    e^(m_r - M) acc_r / L (fp32 [Nv, D]); the group's d is the sum over the shards, which the
-    backward's all_reduce of dH forms."""
+def _expectation(acc, local_max, merged_max, total):
+    """This shard's part of E[k W] = e^(m_r - M) acc_r / L from its acc_r (relative to its own max
+    m_r) and the merged max M and sum L; the group's expectation is the sum over the shards."""
+    factor = torch.exp(local_max - merged_max) / total
+    return acc * factor[:, None].to(acc.dtype)
+
+
+def _shard_direction(weight, y_local, zy, expectation, softcap, scale):
+    """This shard's part of a frozen head's dlogp/dh, d_r = [target here] k(z_y) W_r[y] - E_r[k W]
+    (fp32 [Nv, D]); the group's d is the sum over the shards, which the backward's all_reduce of
+    dH forms."""
     from .chunked import target_direction
 
-    factor = torch.exp(local_max - merged_max) / total
-    return target_direction(weight, y_local, zy, softcap, scale, acc.dtype) - acc * factor[:, None].to(acc.dtype)
+    return target_direction(weight, y_local, zy, softcap, scale, expectation.dtype) - expectation
 
 
 def logprob_fwd(hidden, weight, targets, bias, ignore_index, softcap, scale, backend, with_stats, group,
@@ -172,9 +181,9 @@ def logprob_fwd(hidden, weight, targets, bias, ignore_index, softcap, scale, bac
             merged, best = shard.merge(planes, arg)
             lp, ls, st = finish_logprob(merged, best, y)
             if acc is not None:
-                direction.index_copy_(0, idx, _shard_direction(
-                    weight, y_local, planes[PLANES["zy"]], acc, planes[PLANES["m_z"]], merged[PLANES["m_z"]],
-                    merged[PLANES["l_z"]], softcap, scale).to(dt))
+                ep = _expectation(acc, planes[PLANES["m_z"]], merged[PLANES["m_z"]], merged[PLANES["l_z"]])
+                direction.index_copy_(0, idx, _shard_direction(weight, y_local, planes[PLANES["zy"]], ep, softcap,
+                                                               scale).to(dt))
         logp.index_copy_(0, idx, lp)
         lse.index_copy_(0, idx, ls)
         if with_stats:
@@ -267,17 +276,13 @@ def kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, igno
             planes = planes.to(dt)
             merged, best = shard.merge(planes, arg, div)
             out = finish_kl(merged, best, y if with_logp else None, div)
-            if acc_p is not None:
-                zmax, zmerged, rmax, rmerged = (t[PLANES[k]] for t, k in ((planes, "m_z"), (merged, "m_z"),
-                                                                          (planes, "m_r"), (merged, "m_r")))
-                ep = acc_p * (torch.exp(zmax - zmerged) / out["ztotal"])[:, None].to(acc_p.dtype)
-                eq = acc_q * (torch.exp(rmax - rmerged) / out["rtotal"])[:, None].to(acc_q.dtype)
+            if acc_p is not None:      # d_kl = E_p[kW] - E_ref[kW], d_lp = k(z_y) W[y] - E_p[kW], per shard
+                ep = _expectation(acc_p, planes[PLANES["m_z"]], merged[PLANES["m_z"]], out["ztotal"])
+                eq = _expectation(acc_q, planes[PLANES["m_r"]], merged[PLANES["m_r"]], out["rtotal"])
                 d_kl.index_copy_(0, idx, (ep - eq).to(dt))
                 if d_lp is not None:
-                    from .chunked import target_direction
-
-                    d_lp.index_copy_(0, idx, (target_direction(weight, y_local, planes[PLANES["zy"]], softcap, scale,
-                                                               acc_p.dtype) - ep).to(dt))
+                    d_lp.index_copy_(0, idx, _shard_direction(weight, y_local, planes[PLANES["zy"]], ep, softcap,
+                                                              scale).to(dt))
             if div == 2:   # the second pass over each shard given the merged lse, then one all_reduce
                 if shard.size:
                     jsd, kls = impl.jsd_sums(h, weight, bias, rh, ref_weight, ref_bias, out["lse"], out["rlse"],
