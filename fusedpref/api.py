@@ -28,13 +28,14 @@ def _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backen
 def _resolve(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group, reduce_hidden_grad):
     """DTensor heads resolved once per call (fusedpref.distributed.resolve) and the group checked."""
     _check_group(process_group, reduce_hidden_grad)
-    if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
-        ref = None if ref_weight is None else (ref_weight, ref_bias)
-        hidden, (pol, ref), process_group = distributed.resolve(
-            hidden, [(weight, bias), ref], process_group, [("weight", "bias"), ("ref_weight", "ref_bias")])
-        (weight, bias), (ref_weight, ref_bias) = pol, ref if ref is not None else (None, ref_bias)
-        ref_hidden = distributed.resolve_hidden(ref_hidden, "ref_hidden")
-    return hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group
+    heads = [(weight, bias)] + ([(ref_weight, ref_bias)] if ref_weight is not None else [])
+    hidden, heads, process_group = distributed.resolve(hidden, heads, process_group,
+                                                       [("weight", "bias"), ("ref_weight", "ref_bias")])
+    (weight, bias), *ref = heads
+    if ref:
+        (ref_weight, ref_bias), = ref
+    return (hidden, weight, bias, distributed.resolve_hidden(ref_hidden, "ref_hidden"), ref_weight, ref_bias,
+            process_group)
 
 
 def _check_batch(hidden, name="hidden", paired=True):
@@ -86,8 +87,9 @@ def reference_logps(ref_hidden, ref_weight, targets, *, ref_bias=None, ignore_in
                     backend="auto", process_group=None):
     """Sequence log-probs [2B] of a reference head, forward only: no graph, nothing saved.
     process_group: ref_weight (ref_bias) is this rank's vocabulary shard (README "Distributed")."""
-    ref_hidden, ref_weight, ref_bias, _, _, _, process_group = _resolve(ref_hidden, ref_weight, ref_bias, None, None,
-                                                                        None, process_group, True)
+    _check_group(process_group, True)
+    ref_hidden, ((ref_weight, ref_bias),), process_group = distributed.resolve(
+        ref_hidden, [(ref_weight, ref_bias)], process_group, [("ref_weight", "ref_bias")], "ref_hidden")
     ref_hidden, ref_weight, ref_bias = _autocast(ref_hidden, ref_weight, ref_bias)
     names = ("ref_hidden", "ref_weight", "ref_bias")
     check_head(ref_hidden, ref_weight, ref_bias, names=names, allow_empty=process_group is not None)

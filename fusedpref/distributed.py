@@ -339,7 +339,7 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def resolve(hidden, heads, process_group, names):
+def resolve(hidden, heads, process_group, names, hidden_name="hidden"):
     """Turns DTensor arguments into what the heads take: (hidden, [(weight, bias), ...], process_group).
 
     - weight (and bias) a DTensor Shard(0) on a 1-D mesh, with process_group given (it must be the
@@ -375,8 +375,9 @@ def resolve(hidden, heads, process_group, names):
             mesh = t.device_mesh
     if _is_dtensor(hidden):
         if mesh is None or hidden.device_mesh != mesh or any(not p.is_replicate() for p in hidden.placements):
-            raise ValueError("hidden is a DTensor: it must be Replicate() on the weight's mesh (tensor parallel: "
-                             f"every rank holds the same hidden states); got placements {list(hidden.placements)}")
+            raise ValueError(f"{hidden_name} is a DTensor: it must be Replicate() on the weight's mesh (tensor "
+                             f"parallel: every rank holds the same hidden states); got placements "
+                             f"{list(hidden.placements)}")
         hidden = hidden.to_local()
         tensor_parallel = True
     else:
