@@ -28,14 +28,7 @@ def _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backen
 def _resolve(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group, reduce_hidden_grad):
     """DTensor heads resolved once per call (fusedpref.distributed.resolve) and the group checked."""
     _check_group(process_group, reduce_hidden_grad)
-    heads = [(weight, bias)] + ([(ref_weight, ref_bias)] if ref_weight is not None else [])
-    hidden, heads, process_group = distributed.resolve(hidden, heads, process_group,
-                                                       [("weight", "bias"), ("ref_weight", "ref_bias")])
-    (weight, bias), *ref = heads
-    if ref:
-        (ref_weight, ref_bias), = ref
-    return (hidden, weight, bias, distributed.resolve_hidden(ref_hidden, "ref_hidden"), ref_weight, ref_bias,
-            process_group)
+    return distributed.resolve_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
 
 
 def _check_batch(hidden, name="hidden", paired=True):

@@ -316,10 +316,8 @@ def _kl_planes(pol, ref, a, y, with_stats):
     planes, arg = pol.planes()
     if not with_stats:
         planes = torch.cat([planes, planes.new_zeros((4, planes.shape[1]))])
-    if y is None:
-        planes[2] = 0.0
-    ry = ref.zy if y is not None else torch.zeros_like(a)
-    return torch.cat([planes, torch.stack([ref.m, ref.l, a, ry])]), arg
+    # (without targets both passes' target logits stayed 0)
+    return torch.cat([planes, torch.stack([ref.m, ref.l, a, ref.zy])]), arg
 
 
 def jsd_sums(h, w, b, rh, rw, rb, lse, rlse, softcap, *, scale=None, ref_softcap=None, ref_scale=None, beta=0.5):

@@ -25,7 +25,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ._checks import range_error
+from ._library import _impl, _valid_rows
 from ._partials import ONE_HEAD, PLANES, finish_kl, finish_logprob, merge
+from .chunked import acc_dtype, target_direction
 
 _EXACT_IDS = 2 ** 24      # argmax ids travel as float32 planes
 
@@ -101,12 +104,6 @@ def _absent(ignore_index: int) -> int:
     return -2 if ignore_index == -1 else -1
 
 
-def _impl(backend):
-    from ._library import _impl as impl
-
-    return impl(backend)
-
-
 def _empty_partials(n, planes, with_stats, dtype, device):
     """The partials of an empty shard: no logits (m = -inf, sums 0)."""
     part = torch.zeros((planes, n), dtype=dtype, device=device)
@@ -118,14 +115,15 @@ def _empty_partials(n, planes, with_stats, dtype, device):
     return part, (torch.zeros(n, dtype=torch.int64, device=device) if with_stats else None)
 
 
-def _rows(targets, ignore_index, vocab):
-    from ._checks import range_error
-
-    err = range_error(targets, vocab, ignore_index)
+def _layout(group, weight, hidden, targets, ignore_index):
+    """(shard, valid rows, their global targets, their ids in this shard) of one head call: the
+    rows found once, the range checked against the group's whole vocabulary."""
+    idx, y = _valid_rows(targets, ignore_index)
+    shard = VocabShard(group, weight.shape[0], hidden, targets, idx.numel())
+    err = range_error(targets, shard.vocab, ignore_index)
     if err is not None:
         raise err
-    idx = (targets != ignore_index).nonzero().squeeze(1)
-    return idx, targets.index_select(0, idx)
+    return shard, idx, y, shard.local_targets(y, _absent(ignore_index))
 
 
 class Saved:
@@ -146,8 +144,6 @@ def _shard_direction(weight, y_local, zy, expectation, softcap, scale):
     """This shard's part of a frozen head's dlogp/dh, d_r = [target here] k(z_y) W_r[y] - E_r[k W]
     (fp32 [Nv, D]); the group's d is the sum over the shards, which the backward's all_reduce of
     dH forms."""
-    from .chunked import target_direction
-
     return target_direction(weight, y_local, zy, softcap, scale, expectation.dtype) - expectation
 
 
@@ -156,13 +152,10 @@ def logprob_fwd(hidden, weight, targets, bias, ignore_index, softcap, scale, bac
     """As fusedpref._library.logprob_fwd (frozen: logprob_fwd_frozen) over a vocabulary-parallel
     group: (logp [n], lse [n], stats [n, 4] or [0], this shard's direction [n, D] or None, Saved)."""
     n = targets.shape[0]
-    dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    idx = (targets != ignore_index).nonzero().squeeze(1)
-    shard = VocabShard(group, weight.shape[0], hidden, targets, idx.numel())
-    idx, y = _rows(targets, ignore_index, shard.vocab)
+    dt = acc_dtype(hidden.dtype)
+    shard, idx, y, y_local = _layout(group, weight, hidden, targets, ignore_index)
     logp, lse = hidden.new_zeros(n, dtype=dt), hidden.new_zeros(n, dtype=dt)
     stats = hidden.new_zeros((n, 4) if with_stats else (0,), dtype=dt)
-    y_local = shard.local_targets(y, _absent(ignore_index))
     direction = hidden.new_zeros((n, hidden.shape[1]), dtype=dt) if frozen else None
     if idx.numel():
         h = hidden.index_select(0, idx)
@@ -233,12 +226,8 @@ def logprob_bwd(saved, grad, grad_stats, hidden, weight, bias, lse, stats, softc
     with torch.autocast(hidden.device.type, enabled=False):
         got = _impl(backend).logprob_backward(rows(hidden), weight, bias, saved.y_local, rows(lse), rows(grad),
                                               softcap, *needs, scale=scale, g_stats=rows(grad_stats),
-                                              stats=rows(stats), dh_dtype=_acc(hidden))
+                                              stats=rows(stats), dh_dtype=acc_dtype(hidden.dtype))
     return _grads(saved, hidden, weight, bias, got, needs, reduce_hidden_grad)
-
-
-def _acc(hidden):
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
 def kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap, scale,
@@ -248,14 +237,11 @@ def kl_fwd(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, igno
     head: kl_fwd_frozen's one sweep) first this shard's parts of the directions (d_lp [n, D] or
     None, d_kl [n, D]), then Saved."""
     n = targets.shape[0]
-    dt = _acc(hidden)
-    idx = (targets != ignore_index).nonzero().squeeze(1)
-    shard = VocabShard(group, weight.shape[0], hidden, targets, idx.numel())
-    idx, y = _rows(targets, ignore_index, shard.vocab)
+    dt = acc_dtype(hidden.dtype)
+    shard, idx, y, y_local = _layout(group, weight, hidden, targets, ignore_index)
     dv, lse, rlse, aux = (hidden.new_zeros(n, dtype=dt) for _ in range(4))
     logp, ref_logp = (hidden.new_zeros(n if with_logp else 0, dtype=dt) for _ in range(2))
     stats = hidden.new_zeros((n, 4) if with_stats else (0,), dtype=dt)
-    y_local = shard.local_targets(y, _absent(ignore_index))
     d_lp = hidden.new_zeros((n, hidden.shape[1]), dtype=dt) if frozen and with_logp else None
     d_kl = hidden.new_zeros((n, hidden.shape[1]), dtype=dt) if frozen else None
     if idx.numel():
@@ -314,7 +300,7 @@ def kl_bwd(saved, grad_div, grad_logp, grad_stats, hidden, weight, ref_hidden, r
             rows(hidden), weight, bias, rows(ref_hidden), ref_weight, ref_bias, rows(lse), rows(rlse), rows(grad_div),
             softcap, *needs, y=saved.y_local if grad_logp is not None else None, g_lp=rows(grad_logp), scale=scale,
             ref_softcap=ref_softcap, ref_scale=ref_scale, div=div, beta=beta, aux=rows(aux) if div else None,
-            g_stats=rows(grad_stats), stats=rows(stats), dh_dtype=_acc(hidden))
+            g_stats=rows(grad_stats), stats=rows(stats), dh_dtype=acc_dtype(hidden.dtype))
     return _grads(saved, hidden, weight, bias, got, needs, reduce_hidden_grad)
 
 
@@ -393,6 +379,18 @@ def resolve(hidden, heads, process_group, names, hidden_name="hidden"):
         local = [None if pair is None else tuple(None if t is None else t.to_local() for t in pair) for pair in heads]
         return hidden, local, group
     return hidden, [None if pair is None else tuple(gather(t) for t in pair) for pair in heads], None
+
+
+def resolve_heads(hidden, weight, bias, ref_hidden=None, ref_weight=None, ref_bias=None, process_group=None):
+    """resolve() of a policy head and an optional reference head: (hidden, weight, bias, ref_hidden,
+    ref_weight, ref_bias, process_group), each DTensor turned into what the heads take."""
+    heads = [(weight, bias)] + ([(ref_weight, ref_bias)] if ref_weight is not None else [])
+    hidden, heads, process_group = resolve(hidden, heads, process_group,
+                                           [("weight", "bias"), ("ref_weight", "ref_bias")])
+    (weight, bias), *ref = heads
+    if ref:
+        (ref_weight, ref_bias), = ref
+    return hidden, weight, bias, resolve_hidden(ref_hidden, "ref_hidden"), ref_weight, ref_bias, process_group
 
 
 def gather(t):

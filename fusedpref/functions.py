@@ -223,8 +223,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, so
     process_group: vocabulary-parallel (weight, bias the rank's shard; README "Distributed");
     DTensor weights are resolved by fusedpref.distributed.resolve.
     """
-    hidden, ((weight, bias),), process_group = distributed.resolve(hidden, [(weight, bias)], process_group,
-                                                                   [("weight", "bias")])
+    hidden, weight, bias, *_, process_group = distributed.resolve_heads(hidden, weight, bias,
+                                                                        process_group=process_group)
     logp, _ = LinearLogProbs.apply(hidden, weight, targets, bias, ignore_index, softcap, backend, False,
                                    _combined_scale(logit_scale, temperature), process_group, reduce_hidden_grad)
     return logp
@@ -336,18 +336,11 @@ class LinearKL(torch.autograd.Function):
         return dh, dw, None, None, None, db, None, None, None, None, None, None
 
 
-def _resolve_two(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group):
-    hidden, ((weight, bias), (ref_weight, ref_bias)), process_group = distributed.resolve(
-        hidden, [(weight, bias), (ref_weight, ref_bias)], process_group, [("weight", "bias"), ("ref_weight", "ref_bias")])
-    return hidden, weight, bias, distributed.resolve_hidden(ref_hidden, "ref_hidden"), ref_weight, ref_bias, \
-        process_group
-
-
 def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
               ignore_index=-100, softcap=None, backend="auto", process_group=None, reduce_hidden_grad=True):
     """Per-token KL(p_ref || p_theta) [targets.shape] float32; 0 where targets == ignore_index.
     process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = _resolve_two(
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = distributed.resolve_heads(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
     return LinearKL.apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
                           softcap, backend, process_group, reduce_hidden_grad)
@@ -398,7 +391,7 @@ def linear_divergence(hidden, weight, ref_hidden, ref_weight, targets, *, beta=0
     KL(p_ref || p), 1: KL(p || p_ref), between: the generalised JSD); each head's logits are
     softcap(h @ W.T + b) * logit_scale / temperature. 0 where targets == ignore_index.
     process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = _resolve_two(
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = distributed.resolve_heads(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
     div, _ = LinearDivergence.apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
                                     backend, beta, softcap, ref_softcap, _combined_scale(logit_scale, temperature),
@@ -445,7 +438,7 @@ def linear_logprobs_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=
     """(logp, ref_logp, kl), each float32 [targets.shape], from one pass over both heads;
     0 where targets == ignore_index. Gradients reach the policy head through logp and kl.
     process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = _resolve_two(
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = distributed.resolve_heads(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
     logp, ref_logp, kl, _ = LinearLogProbsKL.apply(hidden, weight, ref_hidden, ref_weight, targets, bias,
                                                    ref_bias, ignore_index, softcap, backend, False, process_group,

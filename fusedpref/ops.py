@@ -12,16 +12,13 @@ import triton
 
 from . import config, schedule
 from ._chunks import vocab_chunk_cols, vocab_chunks
-from ._partials import finish_kl, finish_logprob, merge
+from ._partials import ONE_HEAD, finish_kl, finish_logprob, merge
+from ._partials import PLANES as KL_PLANES
 from .chunked import frozen_direction
 from .kernels import (chunk_kl_probs_kernel, chunk_logits_kernel, chunk_probs_kernel, jsd_fwd_kernel, kl_dz_kernel, kl_fwd_kernel,
                       logprob_dz_kernel, logprob_fwd_kernel, mm_acc_kernel)
 from .kernels.frozen import FIELDS as FROZEN_FIELDS
 from .kernels.frozen import KL_FIELDS as FROZEN_KL_FIELDS
-from .kernels.kl import PLANES as KL_PLANES
-
-
-N_PLANES = 7    # planes of logprob_fwd_kernel's partials (kl_fwd_kernel's 0..6 are the same)
 
 
 def _xf(softcap, scale, ref=False):
@@ -43,11 +40,6 @@ def _tiles(kernel: str, h: torch.Tensor, shape_key, run):
     return config.tiles(kernel, h.device, h.dtype)
 
 
-def combine_splits(part: torch.Tensor, arg: torch.Tensor | None, y: torch.Tensor):
-    """Merges per-split partials [field, split, row] into logp, lse and optional stats [n, 4]."""
-    return finish_logprob(*merge(part, arg), y)
-
-
 def _splits(n, vocab, d, elem, tiles, device):
     """(row blocks, vocabulary per split, number of splits) of the split-major forward grid
     (fusedpref/schedule.py: the fewest splits whose resident H blocks fit in half the L2)."""
@@ -62,7 +54,7 @@ def logprob_partials(h, w, b, y, softcap, with_stats: bool, scale=None):
     target logit (zy = 0): a vocabulary shard's rows whose target another rank holds."""
     n, d = h.shape
     vocab = w.shape[0]
-    nf = N_PLANES if with_stats else 3
+    nf = ONE_HEAD if with_stats else 3
 
     def run(tiles: config.Tiles):
         n_blocks, v_per_split, splits = _splits(n, vocab, d, h.element_size(), tiles, h.device)
@@ -178,7 +170,7 @@ def logprob_partials_frozen(h, w, b, y, softcap, with_stats: bool, scale=None):
     acc = torch.zeros((n, d), dtype=f, device=h.device)
     m_run = torch.full((n,), float("-inf"), dtype=f, device=h.device)
     # per chunk, partials relative to its running max: planes as logprob_fwd_kernel's
-    part = config.empty((N_PLANES if with_stats else 3, len(chunks), n), f, h.device)
+    part = config.empty((ONE_HEAD if with_stats else 3, len(chunks), n), f, h.device)
     arg = config.empty((len(chunks), n), torch.int32, h.device) if with_stats else None
     pt = config.tiles("probs", h.device, h.dtype)
     n_blocks = triton.cdiv(n, pt.BLOCK_N)

@@ -13,7 +13,7 @@ Forward (per valid row i, vocabulary split s), z = policy logits, r = reference 
         a' = e^(m_r - m_r') (a + l_r ((m_r - m_r') - (m_z - m_z')))      (KL_DIR 1: roles swapped)
     (an expectation of raw logits would cancel against lse_r - lse_z at large logits).
   LOGP adds the target logits z[y_i], r[y_i]; STATS the policy's statistics (as logprobs.py).
-  Partials go to fixed planes (PLANES below); the host combines splits (a moved to the global
+  Partials go to fixed planes (fusedpref/_partials.py PLANES); the host combines splits (a moved to the global
   maxes the same way): KL_DIR 0: KL = a / l_r - log l_r + log l_z; 1: a / l_z - log l_z + log l_r.
   The JSD's second pass (jsd_fwd_kernel), given both lse, sums per split
     jsd = sum_v beta q_v (log q_v - log m_v) + (1 - beta) p_v (log p_v - log m_v),
@@ -31,10 +31,6 @@ import triton.language as tl
 
 from .tiles import (grouped_tile, head_chain, logit_tile, split_rows, stats_grad, stats_init, stats_step,
                     stats_store)
-
-# plane of each partial in part[plane, split, row]; 0..6 match logprob_fwd_kernel's layout
-PLANES = {"m_z": 0, "l_z": 1, "zy": 2, "zsum": 3, "pz": 4, "amax": 5, "q": 6, "m_r": 7, "l_r": 8, "a": 9,
-          "ry": 10}
 
 
 @triton.jit
@@ -111,7 +107,7 @@ def kl_fwd_kernel(
             zy += tl.sum(tl.where(hit, z, 0.0), axis=1)
             ry += tl.sum(tl.where(hit, r, 0.0), axis=1)
         m_z = mz_new
-    # 5. partials [plane, split, row] (planes as in PLANES)
+    # 5. partials [plane, split, row] (planes as in fusedpref/_partials.py PLANES)
     plane = n_splits * N
     out = part_ptr + pid_s * N + rows
     tl.store(out, m_z, mask=row_mask)
