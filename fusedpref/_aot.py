@@ -90,7 +90,7 @@ def _specs(arch: int, dtype: torch.dtype):
         sig = {**pair, "y_ptr": "*i64", "part_ptr": "*fp32", "arg_ptr": "*i32", "N": "i32", "V": "i32", "D": "i32",
                "RD": "i32", "v_per_split": "i32", "n_splits": "i32", **strides, **rstrides, **two}
         yield (f"kl_fwd{suffix}", kernels.kl_fwd_kernel, sig,
-               {**kl_flags, "KL_DIR": kl_dir, "LOGP": logp, "STATS": stats, **kt.constexprs()}, kt.launch())
+               {**kl_flags, "DIV": kl_dir, "LOGP": logp, "STATS": stats, **kt.constexprs()}, kt.launch())
     kt = cfg["kl_fwd"]
     sig = {**pair, "lse_ptr": "*fp32", "rlse_ptr": "*fp32", "part_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32",
            "RD": "i32", "v_per_split": "i32", "n_splits": "i32", **strides, **rstrides, **two, "beta": "fp32",

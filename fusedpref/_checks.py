@@ -121,14 +121,14 @@ def check_temperature(temperature, name="temperature"):
     return float(temperature)
 
 
-def check_beta_divergence(beta):
-    """The divergence's beta: 0 = KL(ref || policy), 1 = KL(policy || ref), between = JSD."""
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise TypeError(f"beta must be a float in [0, 1], got {type(beta).__name__}")
-    if not 0 <= beta <= 1:
-        raise ValueError(f"beta must lie in [0, 1] (0: KL(ref || policy), 1: KL(policy || ref), between: "
-                         f"the generalised JSD), got {beta}")
-    return float(beta)
+def check_mix(mix, name="mix"):
+    """The divergence's mixture weight: 0 = KL(ref || policy), 1 = KL(policy || ref), between = JSD."""
+    if isinstance(mix, bool) or not isinstance(mix, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(mix).__name__}")
+    if not 0 <= mix <= 1:
+        raise ValueError(f"{name} must lie in [0, 1] (0: KL(ref || policy), 1: KL(policy || ref), between: "
+                         f"the generalised JSD), got {mix}")
+    return float(mix)
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:

@@ -1,22 +1,68 @@
-"""The primitives as torch.library custom ops, so that torch.compile (fullgraph=True) treats
-each forward and backward as one opaque call with a known output shape (fake implementations
-below) instead of tracing into data-dependent code.
+"""The one pipeline of every fused head call, as two torch.library custom ops.
 
-Everything that depends on tensor data happens inside an op: the target range check and the
-compaction of valid rows (rows whose target is ignore_index cost no matmul work), then the
-backend's kernels on the compacted rows. Inputs are flat: hidden [n, D], targets [n] int64.
-Outputs are per-row over all n rows (0 on ignored rows) in float32, or float64 for float64
-inputs; a gradient that is not needed comes back as an empty tensor.
+    forward  (fusedpref::head_fwd):  compact the valid rows -> the backend's partials of this
+             vocabulary (merged over its splits) -> with a process group, all_gather and merge
+             over the shards -> finish (log-probs, lse, divergence, statistics, a frozen head's
+             directions) -> the JSD's second pass -> scatter to all rows
+    backward (fusedpref::head_bwd):  compact -> dz chunks -> dH, dW, db (or, on the frozen
+             one-pass path, dH = g d) -> with a process group, the dH all_reduce -> scatter
+
+Every call kind (one head; two heads with any divergence; frozen or not; sharded or not) runs
+this code; what differs is the `HeadCall` (fusedpref/_spec.py), which the ops take as flat
+scalars (HeadCall.op_args).
+torch.compile (fullgraph=True) treats each op as one opaque call with a known output shape (the
+fake implementations below), so everything data-dependent happens inside: the target range
+check, the compaction (rows whose target is ignore_index cost no matmul work), the collectives.
+
+Inputs are flat: hidden [n, D], targets [n] int64. Per-row outputs cover all n rows (0 on
+ignored rows) in float32, or float64 for float64 inputs; an output or gradient that is not
+wanted comes back as an empty tensor.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import chunked
 from ._checks import range_error
+from ._partials import PLANES, ONE_HEAD, Partials, acc_dtype, empty_partials, expectation, finish_kl, \
+    finish_logprob, target_direction
+from ._spec import Head, HeadCall, Needs
+from .distributed import VocabShard
+
+N_STATS = 4   # columns of the statistics: sum of logits, entropy, argmax hit, log sum_v p^2
+
+
+class HeadOut(NamedTuple):
+    """The forward's outputs, per row (empty where the call does not ask for them)."""
+    logp: Tensor        # [n]      the policy's target log-probs
+    ref_logp: Tensor    # [n]      the reference's (two heads with log-probs)
+    div: Tensor         # [n]      the divergence (two heads)
+    lse: Tensor         # [n]      the policy's log-sum-exp (saved for backward)
+    rlse: Tensor        # [n]      the reference's (two heads)
+    aux: Tensor         # [n]      what the divergence's backward needs besides (REVERSE_KL: the KL, JSD: KL(p || m))
+    stats: Tensor       # [n, 4]   the policy's statistics
+    d_lp: Tensor        # [n, D]   one-pass frozen head: dlogp/dh
+    d_kl: Tensor        # [n, D]   one-pass frozen head, two heads: dKL/dh
+    shards: Tensor      # [world]  int64, the vocabulary size of each shard ([V] on one device)
+
+
+class RowState(NamedTuple):
+    """What a backend's backward reads of the forward, on the valid rows."""
+    lse: Tensor
+    rlse: Optional[Tensor]
+    aux: Optional[Tensor]
+    stats: Optional[Tensor]
+
+
+class RowGrads(NamedTuple):
+    """The upstream gradients on the valid rows (None where an output got none)."""
+    logp: Optional[Tensor]
+    div: Optional[Tensor]
+    stats: Optional[Tensor]
 
 
 def _impl(backend: str):
@@ -27,21 +73,9 @@ def _impl(backend: str):
     return chunked
 
 
-def _valid_rows(targets: Tensor, ignore_index: int, vocab: int | None = None):
-    """(indices, targets) of the valid rows; with vocab, first the range check."""
-    if vocab is not None:
-        err = range_error(targets, vocab, ignore_index)
-        if err is not None:
-            raise err
-    idx = (targets != ignore_index).nonzero().squeeze(1)
-    return idx, targets.index_select(0, idx)
-
-
 def _no_autocast(fn):
     """Runs an op's real implementation with autocast off: its operands already have the dtypes
     chosen outside (autocast casts happen in fusedpref.functions, as F.linear's would)."""
-    import functools
-
     @functools.wraps(fn)
     def run(*args, **kwargs):
         device = next(a for a in args if isinstance(a, Tensor)).device
@@ -50,233 +84,221 @@ def _no_autocast(fn):
     return run
 
 
-def _nothing(t: Tensor) -> Tensor:
-    return t.new_empty(0)
+def _world(call: HeadCall) -> int:
+    if call.group is None:
+        return 1
+    from .distributed import _group
+    import torch.distributed as dist
+
+    return dist.get_world_size(_group(call.group))
 
 
-def _scatter_grads(hidden, weight, bias, idx, got, needs):
-    """Full-size (dH, dW, db) from the backend's (dh of valid rows, dW, db); empty if not needed."""
-    need_h, need_w, need_b = needs
-    dh_v, dw, db = got
-    dh = _nothing(hidden)
-    if need_h:
-        dh = torch.zeros_like(hidden)
-        dh.index_copy_(0, idx, dh_v)
-    return (dh, dw if need_w else _nothing(weight), db.to(bias.dtype) if need_b else _nothing(hidden))
+def _out_shapes(call: HeadCall, n: int, width: int) -> HeadOut:
+    two, pair = call.two_heads, call.two_heads and call.logp
+    return HeadOut(logp=(n if call.logp else 0,), ref_logp=(n if pair else 0,), div=(n if two else 0,), lse=(n,),
+                   rlse=(n if two else 0,), aux=(n if two else 0,), stats=(n, N_STATS) if call.stats else (0,),
+                   d_lp=(n, width) if call.one_pass and call.logp else (0,),
+                   d_kl=(n, width) if call.one_pass and two else (0,), shards=(_world(call),))
 
 
-def _zero_grads(hidden, weight, bias, needs):
-    need_h, need_w, need_b = needs
-    return (torch.zeros_like(hidden) if need_h else _nothing(hidden),
-            torch.zeros_like(weight) if need_w else _nothing(weight),
-            torch.zeros_like(bias) if need_b else _nothing(hidden))
+class Rows:
+    """The valid rows of a call (idx; their global targets y) and, under a process group, this
+    rank's shard (their targets in its ids: local, -1 or -2 where another rank owns the target)."""
+
+    def __init__(self, call: HeadCall, targets: Tensor, shard: VocabShard | None, vocab: int):
+        self.idx = (targets != call.ignore_index).nonzero().squeeze(1)
+        self.y = targets.index_select(0, self.idx)
+        self.shard = shard
+        absent = -2 if call.ignore_index == -1 else -1
+        self.local = self.y if shard is None else shard.local_targets(self.y, absent)
+        self.vocab = vocab
+        self.count = self.idx.numel()
+        self.empty_shard = shard is not None and shard.size == 0
+
+    @classmethod
+    def forward(cls, call: HeadCall, head: Head, targets: Tensor) -> "Rows":
+        """The rows of a forward: the target range checked (against the group's whole vocabulary;
+        there, first the layout and consistency collective)."""
+        vocab = head.w.shape[0]
+        if call.group is None:
+            err = range_error(targets, vocab, call.ignore_index)
+            if err is not None:
+                raise err
+            return cls(call, targets, None, vocab)
+        valid = int((targets != call.ignore_index).sum())
+        shard = VocabShard.gathered(call.group, vocab, head.h, targets, valid)
+        shard.check_range(targets, call.ignore_index)
+        return cls(call, targets, shard, shard.vocab)
+
+    @classmethod
+    def backward(cls, call: HeadCall, targets: Tensor, shards: Tensor) -> "Rows":
+        shard = None if call.group is None else VocabShard.from_sizes(call.group, shards)
+        return cls(call, targets, shard, int(shards.sum()))
+
+    def sizes(self, device) -> Tensor:
+        if self.shard is None:
+            return torch.tensor([self.vocab], dtype=torch.int64, device=device)
+        return self.shard.sizes_tensor(device)
+
+    def merge(self, part: Partials, call: HeadCall):
+        """(merged planes [P, Nv], global argmax ids [Nv] or None) of this call's vocabulary."""
+        div = call.divergence if call.two_heads else None
+        if self.shard is None:
+            return part.planes, part.arg
+        return self.shard.merge(part.planes, part.arg, div)
+
+    def reduce_(self, t: Tensor) -> Tensor:
+        """t summed over the shards (in place); on one device t itself."""
+        return t if self.shard is None else self.shard.all_reduce_(t.contiguous())
 
 
-def _grad_fakes(hidden, weight, bias, needs):
-    need_h, need_w, need_b = needs
-    return (torch.empty_like(hidden) if need_h else _nothing(hidden),
-            torch.empty_like(weight) if need_w else _nothing(weight),
-            torch.empty_like(bias) if need_b else _nothing(hidden))
+def _compact(head: Head | None, rows: Rows) -> Head | None:
+    """The head on the valid rows only (rows whose target is ignored cost no matmul work)."""
+    return None if head is None else head._replace(h=head.h.index_select(0, rows.idx))
 
 
-N_STATS = 4   # columns of the statistics: sum of logits, entropy, argmax hit, log sum_v p^2
+def _partials(call: HeadCall, pol: Head, ref: Head | None, rows: Rows, dt) -> Partials:
+    """The backend's partials of this rank's vocabulary on the valid rows."""
+    if rows.empty_shard:
+        planes = ONE_HEAD if call.stats else 3
+        return empty_partials(rows.count, len(PLANES) if ref else planes, call.stats,
+                              pol.h.shape[1] if call.one_pass else 0, ref is not None, dt, pol.h.device)
+    impl, y = _impl(call.backend), rows.local
+    if ref is None:
+        part = (impl.logprob_partials_frozen if call.one_pass else impl.logprob_partials)(pol, y, call.stats)
+    elif call.one_pass:
+        part = impl.kl_partials_frozen(pol, ref, y if call.logp else None, call.stats)
+    else:
+        part = impl.kl_partials(pol, ref, y if call.logp else None, call.stats, call.divergence)
+    return part._replace(planes=part.planes.to(dt))
 
 
-def _rows_or_none(t: Optional[Tensor], idx: Tensor) -> Optional[Tensor]:
-    return None if t is None else t.index_select(0, idx)
+def _finish(call: HeadCall, part: Partials, rows: Rows, pol: Head) -> dict:
+    """The per-row results of the merged partials; a frozen head's directions from this part's
+    accumulators (on a shard, its share: the dH all_reduce sums them)."""
+    merged, arg = rows.merge(part, call)
+    if not call.two_heads:
+        res = dict(zip(("logp", "lse", "stats"), finish_logprob(merged, arg, rows.y)))
+    else:
+        res = finish_kl(merged, arg, rows.y if call.logp else None, call.divergence)
+    if call.one_pass and not rows.empty_shard:
+        planes = part.planes
+        ep = expectation(part.acc_p, planes[PLANES["m_z"]], merged[PLANES["m_z"]], merged[PLANES["l_z"]])
+        if call.logp:      # dlogp/dh = k(z_y) W[y] - E_p[k W]
+            res["d_lp"] = target_direction(pol.w, rows.local, planes[PLANES["zy"]], pol.xf, ep.dtype) - ep
+        if call.two_heads:     # dKL/dh = E_p[k W] - E_ref[k W]
+            res["d_kl"] = ep - expectation(part.acc_q, planes[PLANES["m_r"]], merged[PLANES["m_r"]],
+                                           merged[PLANES["l_r"]])
+    return res
 
 
-# ---------------------------------------------------------------- log-probabilities of one head
-
-@torch.library.custom_op("fusedpref::logprob_fwd", mutates_args=())
-@_no_autocast
-def logprob_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], ignore_index: int,
-                softcap: Optional[float], scale: Optional[float], backend: str,
-                with_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp [n], lse [n], stats [n, 4] or [0])."""
+def forward(call: HeadCall, pol: Head, ref: Head | None, targets: Tensor) -> HeadOut:
+    """The forward pipeline (see the module docstring)."""
     n = targets.shape[0]
-    dt = chunked.acc_dtype(hidden.dtype)
-    logp, lse = hidden.new_zeros(n, dtype=dt), hidden.new_zeros(n, dtype=dt)
-    stats = hidden.new_zeros((n, N_STATS) if with_stats else (0,), dtype=dt)
-    idx, y = _valid_rows(targets, ignore_index, weight.shape[0])
-    if idx.numel():
-        lp, ls, st = _impl(backend).logprob_forward(hidden.index_select(0, idx), weight, bias, y, softcap,
-                                                    with_stats, scale=scale)
-        logp.index_copy_(0, idx, lp.to(dt))
-        lse.index_copy_(0, idx, ls.to(dt))
-        if with_stats:
-            stats.index_copy_(0, idx, st.to(dt))
-    return logp, lse, stats
+    dt = acc_dtype(pol.h.dtype)
+    shapes = _out_shapes(call, n, pol.h.shape[1])
+    out = HeadOut(*(pol.h.new_zeros(s, dtype=dt) for s in shapes[:-1]), shards=None)
+    rows = Rows.forward(call, pol, targets)
+    if rows.count:
+        p, r = _compact(pol, rows), _compact(ref, rows)
+        res = _finish(call, _partials(call, p, r, rows, dt), rows, p)
+        if call.jsd:   # the second pass given the merged lse (each shard its part), then the sum
+            if rows.empty_shard:
+                sums = p.h.new_zeros((2, rows.count), dtype=dt)
+            else:
+                sums = torch.stack(_impl(call.backend).jsd_sums(p, r, res["lse"], res["rlse"], call.mix)).to(dt)
+            res["div"], res["aux"] = rows.reduce_(sums)
+        for name, t in zip(HeadOut._fields, out):
+            if t is not None and t.numel() and res.get(name) is not None:
+                t.index_copy_(0, rows.idx, res[name].to(dt))
+    return out._replace(shards=rows.sizes(pol.h.device))
 
 
-@logprob_fwd.register_fake
-def _(hidden, weight, targets, bias, ignore_index, softcap, scale, backend, with_stats):
-    n = targets.shape[0]
-    dt = chunked.acc_dtype(hidden.dtype)
-    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
-            hidden.new_empty((n, N_STATS) if with_stats else (0,), dtype=dt))
+def backward(call: HeadCall, pol: Head, ref: Head | None, targets: Tensor, saved: HeadOut, grads: RowGrads,
+             needs: Needs):
+    """(dH [n, D], dW [V, D], db [V]) of sum_i <grads_i, outputs_i> w.r.t. the policy head, empty
+    where not needed (see the module docstring)."""
+    rows = Rows.backward(call, targets, saved.shards)
+    sharded = rows.shard is not None
+    dt = acc_dtype(pol.h.dtype)
+    take = lambda t: None if t is None or not t.numel() else t.index_select(0, rows.idx)  # noqa: E731
+    g = RowGrads(*(take(t) for t in grads))
+    dh_v = dw = db = None
+    if call.one_pass and g.stats is None:      # dH = g_lp d_lp + g_kl d_kl: no pass over the vocabulary
+        dh_v = pol.h.new_zeros((rows.count, pol.h.shape[1]), dtype=dt)
+        if g.logp is not None:
+            dh_v += g.logp.to(dt)[:, None] * take(saved.d_lp)
+        if g.div is not None:
+            dh_v += g.div.to(dt)[:, None] * take(saved.d_kl)
+    elif rows.count and not rows.empty_shard:
+        state = RowState(take(saved.lse), take(saved.rlse), take(saved.aux), take(saved.stats))
+        dh_v, dw, db = _impl(call.backend).backward(
+            call, _compact(pol, rows), _compact(ref, rows), rows.local, state, g, needs, dh_dtype=dt if sharded else None)
+    if needs.h and dh_v is None:
+        dh_v = pol.h.new_zeros((rows.count, pol.h.shape[1]), dtype=dt if sharded else pol.h.dtype)
+    if needs.h and sharded and call.reduce_hidden_grad and rows.count:
+        dh_v = rows.reduce_(dh_v)          # fp32: the sum over shards rounds once, as on one device
+    nothing = lambda: pol.h.new_empty(0)  # noqa: E731   (outputs of a custom op must not alias)
+    dh = nothing()
+    if needs.h:
+        dh = torch.zeros_like(pol.h)
+        dh.index_copy_(0, rows.idx, dh_v.to(pol.h.dtype))
+    dw = (dw if dw is not None else torch.zeros_like(pol.w)) if needs.w else nothing()
+    db = (db.to(pol.b.dtype) if db is not None else torch.zeros_like(pol.b)) if needs.b else nothing()
+    return dh, dw, db
 
 
-@torch.library.custom_op("fusedpref::logprob_fwd_frozen", mutates_args=())
+# ---------------------------------------------------------------- the custom ops
+
+def _heads(call: HeadCall, hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
+    pol = Head(hidden, weight, bias, call.policy)
+    return pol, (None if ref_hidden is None else Head(ref_hidden, ref_weight, ref_bias, call.ref))
+
+
+# The ops' scalar parameters follow the tensors, in HeadCall.op_args order (fusedpref._spec.OP_ARGS).
+@torch.library.custom_op("fusedpref::head_fwd", mutates_args=(), schema=(
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor? ref_hidden, Tensor? ref_weight, Tensor? ref_bias, "
+    "Tensor targets, float? softcap, float? scale, bool two_heads, float? ref_softcap, float? ref_scale, "
+    "int divergence, float mix, int ignore_index, str backend, bool logp, bool stats, bool one_pass, str? group, "
+    "bool reduce_hidden_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
 @_no_autocast
-def logprob_fwd_frozen(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], ignore_index: int,
-                       softcap: Optional[float], scale: Optional[float], backend: str,
-                       with_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The frozen-head forward: (logp [n], lse [n], stats [n, 4] or [0], d [n, D]) with
-    dlogp_i / dh_i = d_i (0 on ignored rows), from one sweep over the vocabulary."""
-    n = targets.shape[0]
-    dt = chunked.acc_dtype(hidden.dtype)
-    logp, lse = hidden.new_zeros(n, dtype=dt), hidden.new_zeros(n, dtype=dt)
-    stats = hidden.new_zeros((n, N_STATS) if with_stats else (0,), dtype=dt)
-    direction = hidden.new_zeros((n, hidden.shape[1]), dtype=dt)
-    idx, y = _valid_rows(targets, ignore_index, weight.shape[0])
-    if idx.numel():
-        lp, ls, st, d = _impl(backend).logprob_forward_frozen(hidden.index_select(0, idx), weight, bias, y, softcap,
-                                                              with_stats, scale=scale)
-        logp.index_copy_(0, idx, lp.to(dt))
-        lse.index_copy_(0, idx, ls.to(dt))
-        direction.index_copy_(0, idx, d.to(dt))
-        if with_stats:
-            stats.index_copy_(0, idx, st.to(dt))
-    return logp, lse, stats, direction
+def head_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, *call):
+    """HeadOut of one call (call: HeadCall.op_args())."""
+    spec = HeadCall.from_op_args(call)
+    return tuple(forward(spec, *_heads(spec, hidden, weight, bias, ref_hidden, ref_weight, ref_bias), targets))
 
 
-@logprob_fwd_frozen.register_fake
-def _(hidden, weight, targets, bias, ignore_index, softcap, scale, backend, with_stats):
-    n = targets.shape[0]
-    dt = chunked.acc_dtype(hidden.dtype)
-    return (hidden.new_empty(n, dtype=dt), hidden.new_empty(n, dtype=dt),
-            hidden.new_empty((n, N_STATS) if with_stats else (0,), dtype=dt),
-            hidden.new_empty((n, hidden.shape[1]), dtype=dt))
+@head_fwd.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, *call):
+    spec = HeadCall.from_op_args(call)
+    dt = acc_dtype(hidden.dtype)
+    shapes = _out_shapes(spec, targets.shape[0], hidden.shape[1])
+    return (*(hidden.new_empty(s, dtype=dt) for s in shapes[:-1]), hidden.new_empty(shapes[-1], dtype=torch.int64))
 
 
-@torch.library.custom_op("fusedpref::logprob_bwd", mutates_args=())
+@torch.library.custom_op("fusedpref::head_bwd", mutates_args=(), schema=(
+    "(Tensor? grad_logp, Tensor? grad_div, Tensor? grad_stats, Tensor hidden, Tensor weight, Tensor? bias, "
+    "Tensor? ref_hidden, Tensor? ref_weight, Tensor? ref_bias, Tensor targets, Tensor lse, Tensor rlse, "
+    "Tensor aux, Tensor stats_saved, Tensor d_lp, Tensor d_kl, Tensor shards, bool need_h, bool need_w, "
+    "bool need_b, float? softcap, float? scale, bool two_heads, float? ref_softcap, float? ref_scale, "
+    "int divergence, float mix, int ignore_index, str backend, bool logp, bool stats, bool one_pass, str? group, "
+    "bool reduce_hidden_grad) -> (Tensor, Tensor, Tensor)"))
 @_no_autocast
-def logprob_bwd(grad: Tensor, grad_stats: Optional[Tensor], hidden: Tensor, weight: Tensor, targets: Tensor,
-                bias: Optional[Tensor], lse: Tensor, stats: Optional[Tensor], ignore_index: int,
-                softcap: Optional[float], scale: Optional[float], backend: str, need_h: bool, need_w: bool,
-                need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i grad_i logp_i (+ <grad_stats_i, stats_i>): (dH [n, D], dW [V, D], db [V]),
-    empty where not needed."""
-    needs = (need_h, need_w, need_b)
-    idx, y = _valid_rows(targets, ignore_index)
-    if idx.numel() == 0:
-        return _zero_grads(hidden, weight, bias, needs)
-    got = _impl(backend).logprob_backward(hidden.index_select(0, idx), weight, bias, y, lse.index_select(0, idx),
-                                          grad.index_select(0, idx), softcap, *needs, scale=scale,
-                                          g_stats=_rows_or_none(grad_stats, idx), stats=_rows_or_none(stats, idx))
-    return _scatter_grads(hidden, weight, bias, idx, got, needs)
+def head_bwd(grad_logp, grad_div, grad_stats, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse,
+             rlse, aux, stats, d_lp, d_kl, shards, need_h, need_w, need_b, *call):
+    """(dH [n, D], dW [V, D], db [V]) of sum_i <grads_i, outputs_i>, empty where not needed."""
+    spec = HeadCall.from_op_args(call)
+    saved = HeadOut(None, None, None, lse, rlse, aux, stats, d_lp, d_kl, shards)
+    return backward(spec, *_heads(spec, hidden, weight, bias, ref_hidden, ref_weight, ref_bias), targets, saved,
+                    RowGrads(grad_logp, grad_div, grad_stats), Needs(need_h, need_w, need_b))
 
 
-@logprob_bwd.register_fake
-def _(grad, grad_stats, hidden, weight, targets, bias, lse, stats, ignore_index, softcap, scale, backend, need_h,
-      need_w, need_b):
-    return _grad_fakes(hidden, weight, bias, (need_h, need_w, need_b))
-
-
-# ---------------------------------------------------------------- divergence between two heads (+ log-probs)
-
-@torch.library.custom_op("fusedpref::kl_fwd", mutates_args=())
-@_no_autocast
-def kl_fwd(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor,
-           bias: Optional[Tensor], ref_bias: Optional[Tensor], ignore_index: int, softcap: Optional[float],
-           scale: Optional[float], ref_softcap: Optional[float], ref_scale: Optional[float], div: int, beta: float,
-           backend: str, with_logp: bool, with_stats: bool
-           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(divergence, lse, rlse, aux [n]; logp, ref_logp [n] or [0]; stats [n, 4] or [0]) from one
-    pass over both heads (two for the JSD). div: 0 KL(ref || policy), 1 KL(policy || ref), 2 JSD;
-    aux: what the backward needs (div 1: the KL, div 2: KL(p || m); 0 for div 0)."""
-    n = targets.shape[0]
-    dt = chunked.acc_dtype(hidden.dtype)
-    dv, lse, rlse, aux = (hidden.new_zeros(n, dtype=dt) for _ in range(4))
-    logp, ref_logp = (hidden.new_zeros(n if with_logp else 0, dtype=dt) for _ in range(2))
-    stats = hidden.new_zeros((n, N_STATS) if with_stats else (0,), dtype=dt)
-    idx, y = _valid_rows(targets, ignore_index, weight.shape[0])
-    if idx.numel():
-        got = _impl(backend).kl_forward(hidden.index_select(0, idx), weight, bias, ref_hidden.index_select(0, idx),
-                                        ref_weight, ref_bias, softcap, y=y if with_logp else None,
-                                        with_stats=with_stats, scale=scale, ref_softcap=ref_softcap,
-                                        ref_scale=ref_scale, div=div, beta=beta)
-        for out, v in zip((dv, lse, rlse, logp, ref_logp, stats, aux), got):
-            if v is not None:
-                out.index_copy_(0, idx, v.to(dt))
-    return dv, lse, rlse, aux, logp, ref_logp, stats
-
-
-@kl_fwd.register_fake
-def _(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap, scale, ref_softcap,
-      ref_scale, div, beta, backend, with_logp, with_stats):
-    n = targets.shape[0]
-    dt = chunked.acc_dtype(hidden.dtype)
-    e = [hidden.new_empty(k, dtype=dt) for k in (n, n, n, n, n if with_logp else 0, n if with_logp else 0)]
-    return (*e, hidden.new_empty((n, N_STATS) if with_stats else (0,), dtype=dt))
-
-
-@torch.library.custom_op("fusedpref::kl_fwd_frozen", mutates_args=())
-@_no_autocast
-def kl_fwd_frozen(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor,
-                  bias: Optional[Tensor], ref_bias: Optional[Tensor], ignore_index: int, softcap: Optional[float],
-                  scale: Optional[float], ref_softcap: Optional[float], ref_scale: Optional[float], backend: str,
-                  with_logp: bool, with_stats: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """KL(ref || policy) with a frozen policy head, one sweep: (kl, lse, rlse [n]; logp, ref_logp [n]
-    or [0]; stats [n, 4] or [0]; d_lp [n, D] or [0] (dlogp/dh); d_kl [n, D] (dKL/dh))."""
-    n, width = targets.shape[0], hidden.shape[1]
-    dt = chunked.acc_dtype(hidden.dtype)
-    kl, lse, rlse = (hidden.new_zeros(n, dtype=dt) for _ in range(3))
-    logp, ref_logp = (hidden.new_zeros(n if with_logp else 0, dtype=dt) for _ in range(2))
-    stats = hidden.new_zeros((n, N_STATS) if with_stats else (0,), dtype=dt)
-    d_lp = hidden.new_zeros((n, width) if with_logp else (0,), dtype=dt)
-    d_kl = hidden.new_zeros((n, width), dtype=dt)
-    idx, y = _valid_rows(targets, ignore_index, weight.shape[0])
-    if idx.numel():
-        got = _impl(backend).kl_forward_frozen(hidden.index_select(0, idx), weight, bias,
-                                               ref_hidden.index_select(0, idx), ref_weight, ref_bias, softcap,
-                                               y=y if with_logp else None, with_stats=with_stats, scale=scale,
-                                               ref_softcap=ref_softcap, ref_scale=ref_scale)
-        for out, v in zip((kl, lse, rlse, logp, ref_logp, stats, d_lp, d_kl), got):
-            if v is not None:
-                out.index_copy_(0, idx, v.to(dt))
-    return kl, lse, rlse, logp, ref_logp, stats, d_lp, d_kl
-
-
-@kl_fwd_frozen.register_fake
-def _(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap, scale, ref_softcap,
-      ref_scale, backend, with_logp, with_stats):
-    n, width = targets.shape[0], hidden.shape[1]
-    dt = chunked.acc_dtype(hidden.dtype)
-    e = [hidden.new_empty(k, dtype=dt) for k in (n, n, n, n if with_logp else 0, n if with_logp else 0)]
-    return (*e, hidden.new_empty((n, N_STATS) if with_stats else (0,), dtype=dt),
-            hidden.new_empty((n, width) if with_logp else (0,), dtype=dt), hidden.new_empty((n, width), dtype=dt))
-
-
-@torch.library.custom_op("fusedpref::kl_bwd", mutates_args=())
-@_no_autocast
-def kl_bwd(grad_div: Tensor, grad_logp: Optional[Tensor], grad_stats: Optional[Tensor], hidden: Tensor,
-           weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor, bias: Optional[Tensor],
-           ref_bias: Optional[Tensor], lse: Tensor, rlse: Tensor, aux: Tensor, stats: Optional[Tensor],
-           ignore_index: int, softcap: Optional[float], scale: Optional[float], ref_softcap: Optional[float],
-           ref_scale: Optional[float], div: int, beta: float, backend: str, need_h: bool, need_w: bool,
-           need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i grad_div_i div_i (+ grad_logp_i logp_i + <grad_stats_i, stats_i>) w.r.t.
-    the policy head, one recompute."""
-    needs = (need_h, need_w, need_b)
-    idx, y = _valid_rows(targets, ignore_index)
-    if idx.numel() == 0:
-        return _zero_grads(hidden, weight, bias, needs)
-    rows = lambda t: _rows_or_none(t, idx)  # noqa: E731
-    got = _impl(backend).kl_backward(
-        rows(hidden), weight, bias, rows(ref_hidden), ref_weight, ref_bias, rows(lse), rows(rlse), rows(grad_div),
-        softcap, *needs, y=y if grad_logp is not None else None, g_lp=rows(grad_logp), scale=scale,
-        ref_softcap=ref_softcap, ref_scale=ref_scale, div=div, beta=beta, aux=rows(aux) if div else None,
-        g_stats=rows(grad_stats), stats=rows(stats))
-    return _scatter_grads(hidden, weight, bias, idx, got, needs)
-
-
-@kl_bwd.register_fake
-def _(grad_div, grad_logp, grad_stats, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, lse, rlse,
-      aux, stats, ignore_index, softcap, scale, ref_softcap, ref_scale, div, beta, backend, need_h, need_w, need_b):
-    return _grad_fakes(hidden, weight, bias, (need_h, need_w, need_b))
+@head_bwd.register_fake
+def _(grad_logp, grad_div, grad_stats, hidden, weight, bias, *rest):
+    need_h, need_w, need_b = rest[11:14]
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else hidden.new_empty(0),
+            torch.empty_like(bias) if need_b else hidden.new_empty(0))
 
 
 # ---------------------------------------------------------------- FLOP accounting
@@ -293,7 +315,7 @@ def _register_flop_counting():
 
     # FlopCounterMode pushes a private TorchDispatchMode (torch >= 2.5); older ones are the mode
     mode = getattr(flop_counter, "_FlopCounterMode", flop_counter.FlopCounterMode)
-    for op in (logprob_fwd, logprob_fwd_frozen, logprob_bwd, kl_fwd, kl_fwd_frozen, kl_bwd):
+    for op in (head_fwd, head_bwd):
         _IMPLS[op._opoverload] = op._init_fn
         op.register_torch_dispatch(mode, _count_inside)
 

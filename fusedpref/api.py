@@ -3,32 +3,67 @@
 Batch convention (TRL's and Liger's): hidden [2B, T, D], targets [2B, T]; rows 0..B-1 are the
 chosen sequences, rows B..2B-1 the rejected ones; positions equal to ignore_index (prompt,
 padding) are skipped.
+
+Everything here is [B]-sized loss maths on top of fusedpref.functions.run, which checks each
+head call's tensors once; this module checks only what is its own (the batch layout, the loss
+options, which reference is given).
 """
 from __future__ import annotations
 
 import warnings
+from typing import Literal, Optional, Sequence, Union
 
 import torch
+from torch import Tensor
 
-from ._checks import BACKENDS, check_head, check_ignore_index, check_softcap, check_targets
-from . import distributed
-from .functions import LinearLogProbs, LinearLogProbsKL, _autocast, _check_group, _check_ref
+from . import _dtensor
+from ._checks import BACKENDS, check_ignore_index, check_softcap
+from ._spec import Backend, FrozenMode
+from .functions import HeadTensors, Same, check_pair, make_call, ref_transform, run, transform
+from .functions import REF_NAMES
 from .losses import LOSSES, NLL_LOSSES, Pairs, check_loss_args
 
+Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats, group=None,
-                    reduce_hidden_grad=True):
-    logp, stats = LinearLogProbs.apply(hidden, weight, targets, bias, ignore_index, softcap,
-                                       backend, with_stats, None, group, reduce_hidden_grad)
-    return logp.sum(-1), stats
+class _Heads:
+    """The head options of one loss call (transforms, ignore_index, backend, frozen mode, group),
+    checked once; `call(...)` makes the HeadCall of each head call the loss makes."""
+
+    def __init__(self, opts: dict, process_group):
+        self.policy = transform(opts["softcap"], opts["logit_scale"], opts["temperature"])
+        self.ref = ref_transform(opts["ref_softcap"], opts["ref_logit_scale"], opts["softcap"], opts["logit_scale"],
+                                 opts["temperature"])
+        self.ignore_index = check_ignore_index(opts["ignore_index"])
+        self.backend, self.frozen = opts["backend"], opts["frozen"]
+        self.group, self.reduce_hidden_grad = process_group, opts["reduce_hidden_grad"]
+
+    def call(self, *, head="policy", two_heads=False, stats=False):
+        """The HeadCall of the policy head (with two_heads: policy and reference in one pass) or of
+        the reference head alone."""
+        xf = self.ref if head == "ref" else self.policy
+        return make_call(xf, ref=self.ref if two_heads else None, ignore_index=self.ignore_index,
+                         backend=self.backend, stats=stats, frozen=self.frozen if head == "policy" else "auto",
+                         process_group=self.group, reduce_hidden_grad=self.reduce_hidden_grad)
+
+    def sequence_logps(self, targets, policy: HeadTensors, stats=False):
+        """(sequence log-probs [rows], per-token statistics [rows, T, 4] or [0], the vocabulary)."""
+        out = run(self.call(stats=stats), targets, policy)
+        return out.logp.sum(-1), out.stats, out.vocab
+
+    def reference_logps(self, targets, ref: HeadTensors):
+        """Sequence log-probs of the reference head, forward only: no graph, nothing saved."""
+        with torch.no_grad():
+            ref = HeadTensors(*(None if t is None else t.detach() for t in ref))
+            return run(self.call(head="ref"), targets, ref, names=REF_NAMES).logp.sum(-1)
 
 
-def _resolve(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group, reduce_hidden_grad):
-    """DTensor heads resolved once per call (fusedpref.distributed.resolve) and the group checked."""
-    _check_group(process_group, reduce_hidden_grad)
-    return distributed.resolve_heads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
+def _head_options(softcap, logit_scale, temperature, ref_softcap, ref_logit_scale, ignore_index, backend, frozen,
+                  reduce_hidden_grad) -> dict:
+    return dict(softcap=softcap, logit_scale=logit_scale, temperature=temperature, ref_softcap=ref_softcap,
+                ref_logit_scale=ref_logit_scale, ignore_index=ignore_index, backend=backend, frozen=frozen,
+                reduce_hidden_grad=reduce_hidden_grad)
 
 
 def _check_batch(hidden, name="hidden", paired=True):
@@ -43,6 +78,11 @@ def _check_batch(hidden, name="hidden", paired=True):
         raise ValueError(f"{name} must hold 2B sequences (B chosen then B rejected); got {hidden.shape[0]} rows")
 
 
+def _check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
 def _warn_empty(mask, kind):
     """A sequence with no completion tokens has log-prob 0 and counts as length 1: say so once
     (a host sync, skipped while torch.compile traces)."""
@@ -55,20 +95,18 @@ def _warn_empty(mask, kind):
                       "their length counts as 1 in length-normalised losses", UserWarning, stacklevel=3)
 
 
-def _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, needs_ref, types, rows="2B",
-              sharded=False):
-    """Checks the reference inputs: a head (ref_hidden, ref_weight, ref_bias) or ref_logps [n]."""
-    has_head = ref_hidden is not None or ref_weight is not None
+def _ref_inputs(ref: HeadTensors, ref_logps, n, needs_ref, types, rows="2B"):
+    """Which reference is given: a head (ref_hidden, ref_weight, ref_bias) -> True, ref_logps [n]
+    or none -> False; raises on a mix or an incomplete one."""
+    has_head = ref.hidden is not None or ref.weight is not None
     if has_head and ref_logps is not None:
         raise ValueError("pass either ref_logps or ref_hidden/ref_weight, not both")
-    if has_head and (ref_hidden is None or ref_weight is None):
+    if has_head and (ref.hidden is None or ref.weight is None):
         raise ValueError("ref_hidden and ref_weight must be given together")
-    if ref_bias is not None and not has_head:
+    if ref.bias is not None and not has_head:
         raise ValueError("ref_bias needs ref_hidden/ref_weight")
     if needs_ref and not has_head and ref_logps is None:
         raise ValueError(f"loss_type {types} needs a reference: pass ref_logps [{n}] or ref_hidden/ref_weight")
-    if has_head:
-        _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias, sharded)
     if ref_logps is not None and (not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (n,)
                                   or not ref_logps.is_floating_point()):
         raise ValueError(f"ref_logps must be a floating tensor of shape [{rows}]=[{n}], got "
@@ -76,26 +114,20 @@ def _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, ne
     return has_head
 
 
-def reference_logps(ref_hidden, ref_weight, targets, *, ref_bias=None, ignore_index=-100, softcap=None,
-                    backend="auto", process_group=None):
-    """Sequence log-probs [2B] of a reference head, forward only: no graph, nothing saved.
-    process_group: ref_weight (ref_bias) is this rank's vocabulary shard (README "Distributed")."""
-    _check_group(process_group, True)
-    ref_hidden, ((ref_weight, ref_bias),), process_group = distributed.resolve(
+def reference_logps(ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor, *, ref_bias: Optional[Tensor] = None,
+                    ignore_index: int = -100, softcap: Optional[float] = None, logit_scale: Optional[float] = None,
+                    temperature: float = 1.0, backend: Backend = "auto", process_group=None) -> Tensor:
+    """Sequence log-probs [rows] of a reference head (softcap, logit_scale, temperature: its
+    transform), forward only: no graph, nothing saved. process_group: ref_weight (ref_bias) is this
+    rank's vocabulary shard (README "Distributed")."""
+    ref_hidden, ((ref_weight, ref_bias),), process_group = _dtensor.resolve(
         ref_hidden, [(ref_weight, ref_bias)], process_group, [("ref_weight", "ref_bias")], "ref_hidden")
-    ref_hidden, ref_weight, ref_bias = _autocast(ref_hidden, ref_weight, ref_bias)
-    names = ("ref_hidden", "ref_weight", "ref_bias")
-    check_head(ref_hidden, ref_weight, ref_bias, names=names, allow_empty=process_group is not None)
-    check_targets(ref_hidden, targets, names=("ref_hidden", "targets"))
-    with torch.no_grad():
-        logps, _ = _sequence_logps(ref_hidden.detach(), ref_weight.detach(), targets,
-                                   None if ref_bias is None else ref_bias.detach(),
-                                   ignore_index, softcap, backend, False, process_group)
-    return logps
+    heads = _Heads(_head_options(softcap, logit_scale, temperature, softcap, logit_scale, ignore_index, backend,
+                                 "auto", True), process_group)
+    return heads.reference_logps(targets, HeadTensors(ref_hidden, ref_weight, ref_bias))
 
 
-def _nll(hidden, weight, bias, targets, nll_targets, mask, b, ignore_index, softcap, backend, logps, group=None,
-         reduce_hidden_grad=True):
+def _nll(heads: _Heads, policy: HeadTensors, targets, nll_targets, mask, b, logps):
     """TRL's NLL term: minus the mean log-prob over the chosen completion tokens of the batch
     (the true token count: empty rows add nothing), or over nll_targets [B, T] (e.g. prompt +
     completion, as ORPOTrainer) on the chosen rows' hidden states. 0 when there is no token."""
@@ -107,35 +139,38 @@ def _nll(hidden, weight, bias, targets, nll_targets, mask, b, ignore_index, soft
                          f"(or [2B, T], of which the chosen rows are used), got "
                          f"{getattr(nll_targets, 'shape', type(nll_targets).__name__)}")
     nt = nll_targets[:b]
-    tok, _ = LinearLogProbs.apply(hidden[:b], weight, nt, bias, ignore_index, softcap, backend, False, None, group,
-                                  reduce_hidden_grad)
-    return -tok.sum() / (nt != ignore_index).sum().clamp(min=1).to(tok.dtype)
+    tok = run(heads.call(), nt, policy._replace(hidden=policy.hidden[:b])).logp
+    return -tok.sum() / (nt != heads.ignore_index).sum().clamp(min=1).to(tok.dtype)
 
 
-def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, bias=None,
-                    ref_hidden=None, ref_weight=None, ref_bias=None, ref_logps=None,
-                    ignore_index=-100, softcap=None, label_smoothing=0.0, loss_weights=None,
-                    reduction="mean", backend="auto", average_log_prob=False, nll_targets=None,
-                    process_group=None, reduce_hidden_grad=True, **loss_specific):
+def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
+                    loss_type: Union[str, Sequence[str]] = "sigmoid", beta: float = 0.1,
+                    bias: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
+                    ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+                    ref_logps: Optional[Tensor] = None, ignore_index: int = -100, softcap: Optional[float] = None,
+                    logit_scale: Optional[float] = None, temperature: float = 1.0,
+                    ref_softcap: Union[float, None, Same] = "same", ref_logit_scale: Union[float, None, Same] = "same",
+                    label_smoothing: float = 0.0, loss_weights: Optional[Sequence[float]] = None,
+                    reduction: Reduction = "mean", backend: Backend = "auto", average_log_prob: bool = False,
+                    nll_targets: Optional[Tensor] = None, frozen: FrozenMode = "auto", process_group=None,
+                    reduce_hidden_grad: bool = True, **loss_specific) -> tuple[Tensor, dict]:
     """Fused preference loss. Returns (loss, metrics); see README for every loss type.
-    process_group: vocabulary-parallel heads (weight, bias, ref_weight, ref_bias this rank's
-    shards; hidden, targets the same on every rank); DTensor heads are resolved once per call
-    (README "Distributed")."""
+    softcap, logit_scale, temperature: the policy head's logit transform (the reference head's
+    defaults to the same). process_group: vocabulary-parallel heads (weight, bias, ref_weight,
+    ref_bias this rank's shards; hidden, targets the same on every rank); DTensor heads are
+    resolved once per call (README "Distributed")."""
     types, weights, params = check_loss_args(loss_type, loss_weights, label_smoothing, beta, loss_specific,
                                              average_log_prob)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    ignore_index = check_ignore_index(ignore_index)
+    _check_reduction(reduction)
     _check_batch(hidden)
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, group = _resolve(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group, reduce_hidden_grad)
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _autocast(hidden, weight, bias, ref_hidden,
-                                                                       ref_weight, ref_bias)
-    check_head(hidden, weight, bias, allow_empty=group is not None)
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, group = _dtensor.resolve_heads(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
+    heads = _Heads(_head_options(softcap, logit_scale, temperature, ref_softcap, ref_logit_scale, ignore_index,
+                                 backend, frozen, reduce_hidden_grad), group)
+    policy, ref = HeadTensors(hidden, weight, bias), HeadTensors(ref_hidden, ref_weight, ref_bias)
     two_b = hidden.shape[0]
     needs_ref = any(LOSSES[t].needs_ref for t in types)
-    has_fused_ref = _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, two_b, needs_ref, types,
-                              sharded=group is not None)
+    has_fused_ref = _ref_inputs(ref, ref_logps, two_b, needs_ref, types)
     if nll_targets is not None and not set(types) & NLL_LOSSES:
         raise ValueError(f"nll_targets is used by the NLL term of {sorted(NLL_LOSSES)}, not by loss_type {types}")
 
@@ -144,35 +179,32 @@ def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, b
         raise ValueError("loss_type 'expo' with expo_kl='vocab' needs ref_hidden/ref_weight (the exact "
                          "KL runs over the reference head's vocabulary); use expo_kl='sequence' with ref_logps")
 
-    kl = ref = None
+    kl = ref_seq = None
     if expo_vocab:
         # 1+2+3 in one pass over both heads: the policy's per-token log-probs (and metric
         # statistics), the reference's, and EXPO's exact vocabulary KL(p_ref || p_theta)
-        logp, ref_logp, kl_tok, stats = LinearLogProbsKL.apply(
-            hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-            backend, True, group, reduce_hidden_grad)
-        logps, ref, kl = logp.sum(-1), ref_logp.sum(-1), kl_tok.sum(-1)
+        out = run(heads.call(two_heads=True, stats=True), targets, policy, ref)
+        logps, ref_seq, kl, stats, vocab = out.logp.sum(-1), out.ref_logp.sum(-1), out.div.sum(-1), out.stats, \
+            out.vocab
     else:
         # 1. policy: per-token log-probs (fused) summed per sequence, plus metric statistics
-        logps, stats = _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, True, group,
-                                       reduce_hidden_grad)
+        logps, stats, vocab = heads.sequence_logps(targets, policy, stats=True)
         # 2. reference: the fused kernel forward-only, or precomputed
         if has_fused_ref:
-            ref = reference_logps(ref_hidden, ref_weight, targets, ref_bias=ref_bias,
-                                  ignore_index=ignore_index, softcap=softcap, backend=backend, process_group=group)
+            check_pair(policy, ref, group is not None)
+            ref_seq = heads.reference_logps(targets, ref)
         elif ref_logps is not None:
-            ref = ref_logps.detach().to(device=logps.device, dtype=logps.dtype)
+            ref_seq = ref_logps.detach().to(device=logps.device, dtype=logps.dtype)
     b = two_b // 2
-    mask = targets.long() != ignore_index      # any integer dtype (uint8 cannot hold -100)
+    mask = targets.long() != heads.ignore_index      # any integer dtype (uint8 cannot hold -100)
     _warn_empty(mask, "preference")
     lengths = mask.sum(-1).to(logps.dtype).clamp(min=1)
     # 3. the NLL term of sft / cpo / orpo (only when one of them is asked for)
-    nll = (_nll(hidden, weight, bias, targets, nll_targets, mask, b, ignore_index, softcap, backend, logps, group,
-                reduce_hidden_grad) if set(types) & NLL_LOSSES else None)
+    nll = _nll(heads, policy, targets, nll_targets, mask, b, logps) if set(types) & NLL_LOSSES else None
 
-    pairs = Pairs(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
-                  lengths[:b], lengths[b:], float(beta), float(label_smoothing), params,
-                  None if kl is None else kl[:b], None if kl is None else kl[b:], nll)
+    pairs = Pairs(logps[:b], logps[b:], None if ref_seq is None else ref_seq[:b],
+                  None if ref_seq is None else ref_seq[b:], lengths[:b], lengths[b:], float(beta),
+                  float(label_smoothing), params, None if kl is None else kl[:b], None if kl is None else kl[b:], nll)
     # EXPO reads average_log_prob itself (its supervised term only); every other loss gets
     # length-averaged sequence log-probs
     averaged = pairs.averaged() if average_log_prob else pairs
@@ -181,7 +213,6 @@ def preference_loss(hidden, weight, targets, *, loss_type="sigmoid", beta=0.1, b
     # 4. the loss on [B] tensors
     losses = sum(w * LOSSES[t].fn(pairs_for[t]) for t, w in zip(types, weights))
     loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
-    vocab = weight.shape[0] if group is None else distributed.global_vocab(weight.shape[0], group, weight.device)
     return loss, _metrics(pairs_for[types[0]], LOSSES[types[0]].rewards, stats, mask, vocab, b)
 
 
@@ -219,25 +250,33 @@ def _metrics(p: Pairs, rewards_kind, stats, mask, vocab, b):
 class FusedLinearPreferenceLoss(torch.nn.Module):
     """nn.Module front of preference_loss: stores hyperparameters only, no parameters."""
 
-    def __init__(self, loss_type="sigmoid", beta=0.1, *, ignore_index=-100, softcap=None,
-                 label_smoothing=0.0, loss_weights=None, reduction="mean", backend="auto",
-                 average_log_prob=False, **loss_specific):
+    def __init__(self, loss_type: Union[str, Sequence[str]] = "sigmoid", beta: float = 0.1, *,
+                 ignore_index: int = -100, softcap: Optional[float] = None, logit_scale: Optional[float] = None,
+                 temperature: float = 1.0, ref_softcap: Union[float, None, Same] = "same",
+                 ref_logit_scale: Union[float, None, Same] = "same", label_smoothing: float = 0.0,
+                 loss_weights: Optional[Sequence[float]] = None, reduction: Reduction = "mean",
+                 backend: Backend = "auto", average_log_prob: bool = False, frozen: FrozenMode = "auto",
+                 **loss_specific):
         super().__init__()
         # every hyperparameter is checked here, not first at forward
         check_loss_args(loss_type, loss_weights, label_smoothing, beta, loss_specific, average_log_prob)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        check_ignore_index(ignore_index)
-        check_softcap(softcap)
+        _check_reduction(reduction)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_softcap(softcap)
+        _Heads(_head_options(softcap, logit_scale, temperature, ref_softcap, ref_logit_scale, ignore_index, backend,
+                             frozen, True), None).call()
         self.kwargs = dict(loss_type=loss_type, beta=beta, ignore_index=ignore_index, softcap=softcap,
-                           label_smoothing=label_smoothing, loss_weights=loss_weights,
-                           reduction=reduction, backend=backend, average_log_prob=average_log_prob,
-                           **loss_specific)
+                           logit_scale=logit_scale, temperature=temperature, ref_softcap=ref_softcap,
+                           ref_logit_scale=ref_logit_scale, label_smoothing=label_smoothing,
+                           loss_weights=loss_weights, reduction=reduction, backend=backend,
+                           average_log_prob=average_log_prob, frozen=frozen, **loss_specific)
 
-    def forward(self, hidden, weight, targets, bias=None, *, ref_hidden=None, ref_weight=None,
-                ref_bias=None, ref_logps=None, nll_targets=None, process_group=None, reduce_hidden_grad=True):
+    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None, *,
+                ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+                ref_bias: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
+                nll_targets: Optional[Tensor] = None, process_group=None,
+                reduce_hidden_grad: bool = True) -> tuple[Tensor, dict]:
         return preference_loss(hidden, weight, targets, bias=bias, ref_hidden=ref_hidden,
                                ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
                                nll_targets=nll_targets, process_group=process_group,
@@ -247,11 +286,27 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
 
-def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden=None, ref_weight=None,
-             ref_bias=None, ref_logps=None, kl_hidden=None, kl_targets=None, ref_kl_hidden=None,
-             kl_logps=None, ref_kl_logps=None, desirable_weight=1.0, undesirable_weight=1.0,
-             ignore_index=-100, softcap=None, reduction="mean", backend="auto", average_log_prob=False,
-             process_group=None, reduce_hidden_grad=True):
+def _check_kto_options(beta, desirable_weight, undesirable_weight, average_log_prob):
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        raise ValueError(f"beta must be a positive float, got {beta!r}")
+    for name, value in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+    if not isinstance(average_log_prob, bool):
+        raise TypeError(f"average_log_prob must be a bool, got {type(average_log_prob).__name__}")
+
+
+def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *, beta: float = 0.1,
+             bias: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+             ref_bias: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
+             kl_hidden: Optional[Tensor] = None, kl_targets: Optional[Tensor] = None,
+             ref_kl_hidden: Optional[Tensor] = None, kl_logps: Optional[Tensor] = None,
+             ref_kl_logps: Optional[Tensor] = None, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             ignore_index: int = -100, softcap: Optional[float] = None, logit_scale: Optional[float] = None,
+             temperature: float = 1.0, ref_softcap: Union[float, None, Same] = "same",
+             ref_logit_scale: Union[float, None, Same] = "same", reduction: Reduction = "mean",
+             backend: Backend = "auto", average_log_prob: bool = False, frozen: FrozenMode = "auto",
+             process_group=None, reduce_hidden_grad: bool = True) -> tuple[Tensor, dict]:
     """KTO (TRL's KTOTrainer) on unpaired sequences: hidden [N, T, D], targets [N, T], labels [N]
     bool (True = desirable). The reference-KL estimate z0 = clamp(mean(kl_logps - ref_kl_logps), 0)
     comes from mismatched completions, either precomputed (kl_logps, ref_kl_logps [M]) or through
@@ -263,30 +318,21 @@ def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden
     (precomputed ref_logps / kl_logps are then expected averaged too).
     process_group: vocabulary-parallel heads, as preference_loss's.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise ValueError(f"beta must be a positive float, got {beta!r}")
-    for name, value in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name} must be a float >= 0, got {value!r}")
-    if not isinstance(average_log_prob, bool):
-        raise TypeError(f"average_log_prob must be a bool, got {type(average_log_prob).__name__}")
-    ignore_index = check_ignore_index(ignore_index)
+    _check_reduction(reduction)
+    _check_kto_options(beta, desirable_weight, undesirable_weight, average_log_prob)
     _check_batch(hidden, paired=False)
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, group = _resolve(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group, reduce_hidden_grad)
-    kl_hidden, ref_kl_hidden = (distributed.resolve_hidden(t, name) for t, name in
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, group = _dtensor.resolve_heads(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
+    kl_hidden, ref_kl_hidden = (_dtensor.resolve_hidden(t, name) for t, name in
                                 ((kl_hidden, "kl_hidden"), (ref_kl_hidden, "ref_kl_hidden")))
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _autocast(hidden, weight, bias, ref_hidden,
-                                                                       ref_weight, ref_bias)
-    check_head(hidden, weight, bias, allow_empty=group is not None)
+    heads = _Heads(_head_options(softcap, logit_scale, temperature, ref_softcap, ref_logit_scale, ignore_index,
+                                 backend, frozen, reduce_hidden_grad), group)
+    policy, ref = HeadTensors(hidden, weight, bias), HeadTensors(ref_hidden, ref_weight, ref_bias)
     n = hidden.shape[0]
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,) or labels.dtype != torch.bool:
         raise ValueError(f"labels must be a bool tensor of shape [N]=[{n}] (True = desirable), got "
                          f"{getattr(labels, 'dtype', type(labels).__name__)} {list(getattr(labels, 'shape', []))}")
-    has_head = _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logps, n, True, ["kto"], "N",
-                         sharded=group is not None)
+    has_head = _ref_inputs(ref, ref_logps, n, True, ["kto"], "N")
     fused_kl = any(t is not None for t in (kl_hidden, ref_kl_hidden, kl_targets))
     pre_kl = kl_logps is not None or ref_kl_logps is not None
     if fused_kl and pre_kl:
@@ -301,32 +347,29 @@ def kto_loss(hidden, weight, targets, labels, *, beta=0.1, bias=None, ref_hidden
         raise ValueError("kl_logps and ref_kl_logps must be given together")
 
     def per_token_mean(logps, t):
-        return logps / (t.long() != ignore_index).sum(-1).clamp(min=1).to(logps.dtype) if average_log_prob else logps
+        return logps / (t.long() != heads.ignore_index).sum(-1).clamp(min=1).to(logps.dtype) if average_log_prob \
+            else logps
 
-    logps, _ = _sequence_logps(hidden, weight, targets, bias, ignore_index, softcap, backend, False, group,
-                               reduce_hidden_grad)
-    _warn_empty(targets.long() != ignore_index, "KTO")
+    logps, _, _ = heads.sequence_logps(targets, policy)
+    _warn_empty(targets.long() != heads.ignore_index, "KTO")
     logps = per_token_mean(logps, targets)
     if has_head:
-        ref = per_token_mean(reference_logps(ref_hidden, ref_weight, targets, ref_bias=ref_bias,
-                                             ignore_index=ignore_index, softcap=softcap, backend=backend,
-                                             process_group=group), targets)
+        check_pair(policy, ref, group is not None)
+        ref_seq = per_token_mean(heads.reference_logps(targets, ref), targets)
     else:
-        ref = ref_logps.detach().to(logps)
+        ref_seq = ref_logps.detach().to(logps)
     # the reference-KL estimate (detached)
     if fused_kl:
         with torch.no_grad():
-            kl_pol, _ = _sequence_logps(kl_hidden.detach(), weight.detach(), kl_targets,
-                                        None if bias is None else bias.detach(), ignore_index, softcap,
-                                        backend, False, group)
-        kl_ref = reference_logps(ref_kl_hidden, ref_weight, kl_targets, ref_bias=ref_bias,
-                                 ignore_index=ignore_index, softcap=softcap, backend=backend, process_group=group)
+            kl_pol, _, _ = heads.sequence_logps(kl_targets, HeadTensors(*(None if t is None else t.detach() for t in
+                                                                          (kl_hidden, weight, bias))))
+        kl_ref = heads.reference_logps(kl_targets, ref._replace(hidden=ref_kl_hidden))
         z0 = (per_token_mean(kl_pol, kl_targets) - per_token_mean(kl_ref, kl_targets)).mean().clamp(min=0)
     elif pre_kl:
         z0 = (kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0).to(logps)
     else:
         z0 = logps.new_zeros(())
-    logratio = logps - ref
+    logratio = logps - ref_seq
     losses = torch.where(labels,
                          desirable_weight * (1 - torch.sigmoid(beta * (logratio - z0))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio))))

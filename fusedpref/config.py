@@ -13,8 +13,8 @@ for the torch backend: 8 MiB (it holds about two such fp32 buffers at once).
 FUSEDPREF_CHUNK_COLS=n overrides that with exactly n vocabulary columns per chunk (any n >= 1;
 tests use it to make V span several chunks with boundaries inside a tile).
 
-FUSEDPREF_POISON=1 (tests) fills every buffer a kernel must write completely with NaN first,
-so an element left unwritten shows up as NaN instead of stale memory.
+`empty` allocates every buffer a kernel must write completely; the tests replace it by a
+NaN-filling allocator (tests/helpers.py poison), so an element left unwritten shows as NaN.
 """
 from __future__ import annotations
 
@@ -39,78 +39,80 @@ class Tiles:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-# One config per (kernel, arch major, dtype): chosen so that every kernel compiles for sm_80 and
-# sm_90 with zero register spills (tests/test_aot.py checks it) and uses wgmma on sm_90.
-# "fwd_stats" is the forward with the metric statistics (more live registers).
-# For "mm" (dH += dz @ W) BLOCK_N is the row tile, BLOCK_V the hidden tile, BLOCK_D the K slice.
-# fp32 runs three TF32 passes per dot ("tf32x3"), which costs registers: smaller tiles.
+# One config per (kernel, arch major, dtype), as it runs: chosen so that every kernel compiles for
+# sm_80 and sm_90 with zero register spills and at most 240 registers, in the general binary and in
+# the main shape's specialisation (fusedpref/_aot.py; tests/test_aot.py checks it under Triton 3.9
+# and 3.6, 2026-12-01), and uses wgmma on sm_90. Kernels: fwd / fwd_stats the log-prob forward
+# without / with the metric statistics; dz / dz_stats its backward without / with the statistics'
+# gradient (an entropy bonus); mm dH += dz @ W (BLOCK_N the row tile, BLOCK_V the hidden tile,
+# BLOCK_D the K slice); logits / probs the frozen path's chunk logits and elementwise pass
+# (kernels/frozen.py); kl_fwd / kl_fwd_stats / kl_dz the two-head kernels (two logit tiles live:
+# half the rows). fp32 runs three TF32 passes per dot ("tf32x3"), which costs registers: smaller
+# tiles. A comment names what the obvious larger config did instead.
 _BF, _FP, _F32 = torch.bfloat16, torch.float16, torch.float32
-TILES = {}
-for _dt in (_BF, _FP):
-    TILES.update({
-        ("fwd", 9, _dt): Tiles(128, 64, 64, 8, 3),
-        ("fwd_stats", 9, _dt): Tiles(128, 64, 64, 8, 3),
-        ("dz", 9, _dt): Tiles(128, 128, 64, 8, 3),
-        ("mm", 9, _dt): Tiles(128, 128, 64, 8, 3),
-        ("fwd", 8, _dt): Tiles(128, 64, 64, 8, 3),
-        ("fwd_stats", 8, _dt): Tiles(128, 64, 64, 8, 3),
-        ("dz", 8, _dt): Tiles(128, 128, 32, 8, 3),
-        ("mm", 8, _dt): Tiles(128, 128, 32, 8, 3),
-    })
-TILES.update({
-    ("fwd", 9, _F32): Tiles(64, 128, 16, 8, 3),
-    ("fwd_stats", 9, _F32): Tiles(64, 128, 16, 8, 3),
-    ("dz", 9, _F32): Tiles(64, 128, 32, 8, 3),
-    ("mm", 9, _F32): Tiles(64, 128, 32, 8, 3),
+TILES = {
+    # kernel          arch dtype   BLOCK_N BLOCK_V BLOCK_D warps stages
+    ("fwd", 9, _BF): Tiles(128, 64, 64, 8, 3),          # 128x128x32: 242 regs under 3.6
+    ("fwd", 9, _FP): Tiles(128, 64, 64, 8, 3),
+    ("fwd", 9, _F32): Tiles(64, 64, 32, 8, 3),          # 64x128x16: 252 regs under 3.6
+    ("fwd", 8, _BF): Tiles(128, 64, 64, 8, 3),
+    ("fwd", 8, _FP): Tiles(128, 64, 64, 8, 3),
     ("fwd", 8, _F32): Tiles(64, 64, 16, 8, 3),
+    ("fwd_stats", 9, _BF): Tiles(128, 64, 64, 8, 3),    # 128x128: spills 8 B under 3.9
+    ("fwd_stats", 9, _FP): Tiles(128, 64, 64, 8, 3),
+    ("fwd_stats", 9, _F32): Tiles(64, 64, 32, 8, 3),
+    ("fwd_stats", 8, _BF): Tiles(64, 128, 32, 8, 3),    # 128x64x64: 245 regs
+    ("fwd_stats", 8, _FP): Tiles(64, 128, 32, 8, 3),
     ("fwd_stats", 8, _F32): Tiles(64, 64, 16, 8, 3),
+    ("dz", 9, _BF): Tiles(128, 128, 64, 8, 3),
+    ("dz", 9, _FP): Tiles(128, 128, 64, 8, 3),
+    ("dz", 9, _F32): Tiles(64, 128, 32, 8, 3),
+    ("dz", 8, _BF): Tiles(64, 128, 32, 8, 3),           # 128x128x32: 245 regs under 3.6
+    ("dz", 8, _FP): Tiles(64, 128, 32, 8, 3),
     ("dz", 8, _F32): Tiles(64, 64, 32, 4, 3),
+    ("dz_stats", 9, _BF): Tiles(128, 64, 64, 8, 3),     # 128x128x64: 255 regs, spills 8 B
+    ("dz_stats", 9, _FP): Tiles(128, 64, 64, 8, 3),
+    ("dz_stats", 9, _F32): Tiles(64, 128, 32, 8, 3),
+    ("dz_stats", 8, _BF): Tiles(64, 128, 32, 8, 3),
+    ("dz_stats", 8, _FP): Tiles(64, 128, 32, 8, 3),
+    ("dz_stats", 8, _F32): Tiles(64, 64, 32, 4, 3),
+    ("mm", 9, _BF): Tiles(128, 128, 64, 8, 3),
+    ("mm", 9, _FP): Tiles(128, 128, 64, 8, 3),
+    ("mm", 9, _F32): Tiles(64, 128, 32, 8, 3),
+    ("mm", 8, _BF): Tiles(128, 128, 32, 8, 3),
+    ("mm", 8, _FP): Tiles(128, 128, 32, 8, 3),
     ("mm", 8, _F32): Tiles(64, 64, 32, 4, 3),
-})
-# The KL kernels hold two logit tiles (policy and reference) at once: half the rows.
-for _a in (8, 9):
-    for _dt in (_BF, _FP, _F32):
-        _bd = 32 if (_dt == _F32 or _a == 8) else 64
-        TILES[("kl_fwd", _a, _dt)] = Tiles(64, 64, _bd, 8, 3)
-        TILES[("kl_fwd_stats", _a, _dt)] = Tiles(64, 64, _bd, 8, 3)   # + targets and stats
-        TILES[("kl_dz", _a, _dt)] = Tiles(64, 128, _bd, 8, 3)
-TILES[("kl_dz", 8, _F32)] = Tiles(64, 64, 16, 4, 3)
-# chosen from compile results of both checked binaries (fusedpref/_aot.py: general and the main
-# shape's specialisation) for zero spills and <= 240 registers (2026-12-01, Triton 3.9 and 3.6)
-TILES[("kl_fwd", 8, _F32)] = Tiles(32, 128, 16, 8, 3)           # 64x64x32: 255 regs, spills when specialised
-TILES[("kl_fwd_stats", 8, _F32)] = Tiles(32, 64, 16, 8, 3)      # 32x128x16: 241 regs
-TILES[("kl_fwd", 9, _F32)] = Tiles(64, 64, 16, 8, 3)            # 64x64x32: 242 regs
-TILES[("kl_fwd_stats", 9, _F32)] = Tiles(64, 64, 16, 8, 3)      # 64x64x32: 248 regs
-TILES[("kl_dz", 9, _F32)] = Tiles(64, 64, 32, 8, 3)             # 64x128x32: 255 regs
-TILES[("fwd", 9, _F32)] = Tiles(64, 64, 32, 8, 3)               # 64x128x16: 252 regs under 3.6
-TILES[("fwd_stats", 9, _F32)] = Tiles(64, 64, 32, 8, 3)
-for _dt in (_BF, _FP):
-    TILES[("fwd_stats", 8, _dt)] = Tiles(64, 128, 32, 8, 3)     # 128x64x64: 245 regs
-    TILES[("dz", 8, _dt)] = Tiles(64, 128, 32, 8, 3)            # 128x128x32: 245 regs under 3.6
-    TILES[("kl_dz", 9, _dt)] = Tiles(64, 64, 64, 8, 3)          # 64x128x64: 254 regs under 3.6
-    # ("fwd", 9) stays 128x64x64: 128x128x32 is 201 regs under 3.9 but 242 under 3.6; fwd_stats
-    # at 128x128 spills 8 B under 3.9
-# The backward with the statistics' gradient (an entropy bonus: STATS_GRAD) keeps two more tiles
-# live than the plain dz: the plain dz's config except where that went over 240 registers
-for _key in [k for k in TILES if k[0] == "dz"]:
-    TILES[("dz_stats",) + _key[1:]] = TILES[_key]
-for _dt in (_BF, _FP):
-    TILES[("dz_stats", 9, _dt)] = Tiles(128, 64, 64, 8, 3)      # 128x128x64: 255 regs, spills 8 B
-    # with log sum p^2, the logit scales and the reverse KL (2026-12-01, Triton 3.9 and 3.6):
-    TILES[("kl_fwd_stats", 8, _dt)] = Tiles(64, 64, 32, 8, 2)   # 64x64x32 x3 stages: 244 regs
-    TILES[("kl_fwd_stats", 9, _dt)] = Tiles(64, 64, 32, 8, 3)   # 64x64x64: 248 regs under 3.6
-TILES[("kl_dz", 8, _F32)] = Tiles(64, 64, 16, 4, 2)             # 3 stages: 242 regs under 3.6
-# The frozen forward's logits tiles (kernels/frozen.py chunk_logits_kernel): the dz kernel's work
-# shape, its config except where that spilled
-for _key in [k for k in TILES if k[0] == "dz"]:
-    TILES[("logits",) + _key[1:]] = TILES[_key]
-for _dt in (_BF, _FP):
-    TILES[("logits", 8, _dt)] = Tiles(128, 64, 32, 8, 3)        # 64x128x32: 8 B stack under 3.6 (specialised)
-# The frozen forward's elementwise pass over a chunk (p, P = k p, the tile's partials; no dot):
-# its own small tiles, independent of the logits kernel's
-for _a in (8, 9):
-    for _dt in (_BF, _FP, _F32):
-        TILES[("probs", _a, _dt)] = Tiles(32, 128, 16, 8, 1)      # 4 warps: 255 regs (the KL pass)
+    ("logits", 9, _BF): Tiles(128, 128, 64, 8, 3),
+    ("logits", 9, _FP): Tiles(128, 128, 64, 8, 3),
+    ("logits", 9, _F32): Tiles(64, 128, 32, 8, 3),
+    ("logits", 8, _BF): Tiles(128, 64, 32, 8, 3),       # 64x128x32: 8 B stack under 3.6 (specialised)
+    ("logits", 8, _FP): Tiles(128, 64, 32, 8, 3),
+    ("logits", 8, _F32): Tiles(64, 64, 32, 4, 3),
+    ("probs", 9, _BF): Tiles(32, 128, 16, 8, 1),        # 4 warps: 255 regs (the KL pass)
+    ("probs", 9, _FP): Tiles(32, 128, 16, 8, 1),
+    ("probs", 9, _F32): Tiles(32, 128, 16, 8, 1),
+    ("probs", 8, _BF): Tiles(32, 128, 16, 8, 1),
+    ("probs", 8, _FP): Tiles(32, 128, 16, 8, 1),
+    ("probs", 8, _F32): Tiles(32, 128, 16, 8, 1),
+    ("kl_fwd", 9, _BF): Tiles(64, 64, 64, 8, 3),
+    ("kl_fwd", 9, _FP): Tiles(64, 64, 64, 8, 3),
+    ("kl_fwd", 9, _F32): Tiles(64, 64, 16, 8, 3),       # 64x64x32: 242 regs
+    ("kl_fwd", 8, _BF): Tiles(64, 64, 32, 8, 3),
+    ("kl_fwd", 8, _FP): Tiles(64, 64, 32, 8, 3),
+    ("kl_fwd", 8, _F32): Tiles(32, 128, 16, 8, 3),      # 64x64x32: 255 regs, spills when specialised
+    ("kl_fwd_stats", 9, _BF): Tiles(64, 64, 32, 8, 3),  # 64x64x64: 248 regs under 3.6
+    ("kl_fwd_stats", 9, _FP): Tiles(64, 64, 32, 8, 3),
+    ("kl_fwd_stats", 9, _F32): Tiles(64, 64, 16, 8, 3),     # 64x64x32: 248 regs
+    ("kl_fwd_stats", 8, _BF): Tiles(64, 64, 32, 8, 2),  # 64x64x32 x3 stages: 244 regs
+    ("kl_fwd_stats", 8, _FP): Tiles(64, 64, 32, 8, 2),
+    ("kl_fwd_stats", 8, _F32): Tiles(32, 64, 16, 8, 3),     # 32x128x16: 241 regs
+    ("kl_dz", 9, _BF): Tiles(64, 64, 64, 8, 3),         # 64x128x64: 254 regs under 3.6
+    ("kl_dz", 9, _FP): Tiles(64, 64, 64, 8, 3),
+    ("kl_dz", 9, _F32): Tiles(64, 64, 32, 8, 3),        # 64x128x32: 255 regs
+    ("kl_dz", 8, _BF): Tiles(64, 128, 32, 8, 3),
+    ("kl_dz", 8, _FP): Tiles(64, 128, 32, 8, 3),
+    ("kl_dz", 8, _F32): Tiles(64, 64, 16, 4, 2),        # 3 stages: 242 regs under 3.6
+}
 # In the Triton interpreter (CPU tests) small tiles, so that tests at 37 tokens x hidden 72 x
 # vocab 1009 cross several row blocks, K slices and vocabulary tiles.
 _INTERPRETER_TILES = Tiles(16, 64, 32, 4, 1)
@@ -165,11 +167,8 @@ def chunk_cols() -> int | None:
 
 
 def empty(shape, dtype, device) -> torch.Tensor:
-    """torch.empty, or NaN-filled (integers: -1) under FUSEDPREF_POISON=1."""
-    if os.environ.get("FUSEDPREF_POISON", "0") != "1":
-        return torch.empty(shape, dtype=dtype, device=device)
-    fill = float("nan") if dtype.is_floating_point else -1
-    return torch.full(shape, fill, dtype=dtype, device=device)
+    """The allocator of kernel outputs that are written completely (torch.empty)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _arch(device: torch.device) -> int:

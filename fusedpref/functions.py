@@ -1,22 +1,40 @@
-"""torch.autograd.Function per primitive. Backward takes ANY per-token upstream gradient, so
-the kernels never know which loss they serve.
+"""The autograd layer: one torch.autograd.Function behind every fused head call, and the public
+head entry points on top of it.
 
-Each Function validates its inputs (static checks only: shapes, dtypes, devices), applies
-torch.autocast as F.linear would (operands cast to the autocast dtype; the engine returns the
-gradients of fp32 master weights in fp32), flattens the rows and calls the custom ops of
-fusedpref/_library.py, which hold everything data-dependent. So a step calling them compiles
-with torch.compile(fullgraph=True).
+`run(call, targets, policy, ref)` is the only way in: it checks the heads once (static checks:
+shapes, dtypes, devices), applies torch.autocast as F.linear would (operands cast to the autocast
+dtype; the engine returns the gradients of fp32 master weights in fp32), flattens the rows and
+applies `HeadFunction`, whose forward and backward are the custom ops of fusedpref/_library.py
+(everything data-dependent happens there, so a step calling them compiles with
+torch.compile(fullgraph=True)). Backward takes ANY per-token upstream gradient, so the kernels
+never know which loss they serve.
+
+The public Functions (`LinearLogProbs`, `LinearKL`, `LinearLogProbsKL`, `LinearDivergence`) are
+thin: their `apply` builds a `HeadCall` (fusedpref/_spec.py) from its documented arguments and
+calls `run`; the functional forms (`linear_logprobs`, ...) also resolve DTensor heads
+(fusedpref/_dtensor.py) and take the full option set.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
+from dataclasses import replace
+from typing import Literal, NamedTuple, Optional, Union
 
 import torch
+from torch import Tensor
 
-from . import _library, distributed
-from ._checks import (autocast_dtype, check_beta_divergence, check_head, check_ignore_index, check_scale,
-                      check_softcap, check_targets, check_temperature, resolve_backend)
+from . import _dtensor, _library
+from ._checks import (autocast_dtype, check_head, check_ignore_index, check_mix, check_scale, check_softcap,
+                      check_targets, check_temperature, resolve_backend)
+from ._library import HeadOut
+from ._spec import FROZEN_MODES, Backend, Divergence, FrozenMode, HeadCall, Needs, Transform
+from .distributed import group_name
 
+Same = Literal["same"]
+
+
+# ---------------------------------------------------------------- ZeRO-3 weight gathering
 
 _WEIGHT_GATHER = None
 
@@ -30,70 +48,29 @@ def set_weight_gather(fn) -> None:
     _WEIGHT_GATHER = fn
 
 
-FROZEN_PATHS = ("one-pass", "standard")
-
-
-def frozen_path() -> str:
-    """FUSEDPREF_FROZEN: "one-pass" (default) or "standard", the path of a frozen head (hidden
-    requires grad, weight and bias do not). one-pass: the forward also accumulates dlogp/dh
-    (kernels/frozen.py) and backward is one multiply, 4 N D V FLOPs in all; standard: backward
-    recomputes the logits and does dH = dz @ W, 6 N D V (for comparison)."""
-    import os
-
-    path = os.environ.get("FUSEDPREF_FROZEN", "one-pass")
-    if path not in FROZEN_PATHS:
-        raise ValueError(f"FUSEDPREF_FROZEN must be one of {FROZEN_PATHS}, got {path!r}")
-    return path
-
-
-def _gathered(*params):
+def gathered(*params):
+    """The registered weight gather around params (a no-op context without one)."""
     return contextlib.nullcontext() if _WEIGHT_GATHER is None else _WEIGHT_GATHER(*params)
 
 
-def _autocast(*tensors):
-    """Under torch.autocast for the tensors' device: floating tensors cast to the autocast dtype."""
-    first = next(t for t in tensors if t is not None)
-    dt = autocast_dtype(first.device) if isinstance(first, torch.Tensor) else None
-    if dt is None:
-        return tensors
-    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                 else t for t in tensors)
+# ---------------------------------------------------------------- the one autograd Function
+
+class HeadTensors(NamedTuple):
+    """One head's tensors as the user passes them: hidden [..., D], weight [V, D], bias [V] or None."""
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor] = None
 
 
-def _check_group(process_group, reduce_hidden_grad):
-    """process_group: None or a torch.distributed ProcessGroup; reduce_hidden_grad a bool."""
-    if process_group is not None:
-        import torch.distributed as dist
-
-        if not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
-                            f"{type(process_group).__name__}")
-    if not isinstance(reduce_hidden_grad, bool):
-        raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
-    return process_group, reduce_hidden_grad
-
-
-def _check_one(hidden, weight, bias, targets, ignore_index, softcap, backend, sharded=False):
-    """Validates a policy head; (flat hidden [n, D], flat int64 targets, ignore_index, softcap, backend).
-    sharded: weight is a vocabulary shard (it may hold no row)."""
-    check_head(hidden, weight, bias, allow_empty=sharded)
-    y = check_targets(hidden, targets)
-    backend = resolve_backend(backend, hidden.device, hidden.dtype)
-    return hidden.reshape(-1, hidden.shape[-1]), y, check_ignore_index(ignore_index), check_softcap(softcap), backend
-
-
-def _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias, sharded=False):
-    """Validates a reference head against the policy head: one vocabulary, same rows."""
-    check_head(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"), allow_empty=sharded)
-    if ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}: "
-                         "the two heads must share the vocabulary")
-    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"ref_hidden leading dims {list(ref_hidden.shape[:-1])} must equal hidden's "
-                         f"{list(hidden.shape[:-1])}")
-    if ref_hidden.device != hidden.device:
-        raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
-    return ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach()
+class HeadResult(NamedTuple):
+    """The outputs of a head call, shaped like its targets (empty where not asked for): the
+    policy's and the reference's target log-probs, the divergence, the policy's statistics
+    [..., 4]; vocab, the whole vocabulary's size (an int, or a 0-dim tensor under a process group)."""
+    logp: Tensor
+    ref_logp: Tensor
+    div: Tensor
+    stats: Tensor
+    vocab: Union[int, Tensor]
 
 
 class _OnceOnly(torch.autograd.Function):
@@ -113,30 +90,161 @@ def _grads_out(grads, anchors):
     """Wraps the gradients so that a second differentiation (create_graph=True) raises clearly."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
-    anchors = [a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad]
+    anchors = [a for a in anchors if isinstance(a, Tensor) and a.requires_grad]
     if not anchors:
         return grads
     return tuple(None if g is None else _OnceOnly.apply(g, *anchors) for g in grads)
 
 
-def _needs(ctx, bias, idx_bias=3):
-    return (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[idx_bias])
+class HeadFunction(torch.autograd.Function):
+    """The autograd Function of every fused head call.
+
+    apply(call: HeadCall, hidden [n, D], weight [V, D], bias, ref_hidden [n, D'] or None, ref_weight,
+    ref_bias, targets [n] int64) -> (logp, ref_logp, div [n], stats [n, 4], shards [world]), each
+    empty where the call does not ask for it. Gradients flow to the policy (hidden, weight, bias)
+    only; ref_logp and shards are not differentiable. A frozen policy head (hidden requires grad,
+    weight and bias do not) takes the one-pass path unless call.frozen says otherwise."""
+
+    @staticmethod
+    def forward(ctx, call: HeadCall, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets):
+        ctx.set_materialize_grads(False)
+        grad = ctx.needs_input_grad
+        needs = Needs(grad[1], grad[2], bias is not None and grad[3])
+        call = call.resolve_frozen(needs.h and not needs.w and not needs.b)
+        out = HeadOut(*_library.head_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+                                         *call.op_args()))
+        ctx.call, ctx.needs = call, needs
+        if any(needs):
+            ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, out.lse, out.rlse,
+                                  out.aux, out.stats, out.d_lp, out.d_kl, out.shards)
+        ctx.mark_non_differentiable(out.ref_logp, out.shards)
+        return out.logp, out.ref_logp, out.div, out.stats, out.shards
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_ref, grad_div, grad_stats, _grad_shards):
+        call, needs = ctx.call, ctx.needs
+        if not call.stats:
+            grad_stats = None
+        if grad_logp is None and grad_div is None and grad_stats is None:
+            return (None,) * 8
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, *saved = ctx.saved_tensors
+        # the one-pass frozen path reads no weight in backward; the recompute does (gathered)
+        reads_weights = not (call.one_pass and grad_stats is None)
+        with gathered(weight, bias, ref_weight, ref_bias) if reads_weights else contextlib.nullcontext():
+            dh, dw, db = _library.head_bwd(grad_logp, grad_div, grad_stats, hidden, weight, bias, ref_hidden,
+                                           ref_weight, ref_bias, targets, *saved, *needs, *call.op_args())
+        dh, dw, db = _grads_out((dh if needs.h else None, dw if needs.w else None, db if needs.b else None),
+                                (hidden, weight, bias))
+        return None, dh, dw, db, None, None, None, None
 
 
-def _policy_grads(ctx, dh, dw, db, needs, anchors):
-    return _grads_out((dh.view(ctx.hshape) if needs[0] else None, dw if needs[1] else None,
-                       db if needs[2] else None), anchors)
+def _autocast(*heads: Optional[HeadTensors]):
+    """Under torch.autocast for the tensors' device: floating tensors cast to the autocast dtype
+    (float64 stays), as F.linear's operands would be."""
+    device = heads[0].hidden.device if isinstance(heads[0].hidden, Tensor) else None
+    dt = None if device is None else autocast_dtype(device)
+    if dt is None:
+        return heads
+    cast = lambda t: t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
+        else t  # noqa: E731
+    return tuple(None if head is None else HeadTensors(*(cast(t) for t in head)) for head in heads)
 
 
-def _stats_view(stats, shape, with_stats):
-    return stats.view(*shape, _library.N_STATS) if with_stats else stats
+POLICY_NAMES = ("hidden", "weight", "bias")
+REF_NAMES = ("ref_hidden", "ref_weight", "ref_bias")
 
 
-class LinearLogProbs(torch.autograd.Function):
+def check_pair(policy: HeadTensors, ref: HeadTensors, sharded: bool = False) -> None:
+    """A reference head against the policy head: valid on its own, one vocabulary, the same rows."""
+    check_head(*ref, names=REF_NAMES, allow_empty=sharded)
+    if ref.weight.shape[0] != policy.weight.shape[0]:
+        raise ValueError(f"ref_weight has V={ref.weight.shape[0]} but weight has V={policy.weight.shape[0]}: "
+                         "the two heads must share the vocabulary")
+    if tuple(ref.hidden.shape[:-1]) != tuple(policy.hidden.shape[:-1]):
+        raise ValueError(f"ref_hidden leading dims {list(ref.hidden.shape[:-1])} must equal hidden's "
+                         f"{list(policy.hidden.shape[:-1])}")
+    if ref.hidden.device != policy.hidden.device:
+        raise ValueError(f"ref_hidden is on {ref.hidden.device} but hidden is on {policy.hidden.device}")
+
+
+def run(call: HeadCall, targets: Tensor, policy: HeadTensors, ref: Optional[HeadTensors] = None,
+        names=POLICY_NAMES) -> HeadResult:
+    """One fused head call: the heads checked once (names: the policy head's argument names),
+    autocast applied, the rows flattened, HeadFunction applied; results shaped like targets."""
+    sharded = call.group is not None
+    policy, ref = _autocast(policy, ref)
+    check_head(*policy, names=names, allow_empty=sharded)
+    y = check_targets(policy.hidden, targets, names=(names[0], "targets"))
+    if (ref is None) == call.two_heads:
+        raise ValueError("a two-head call needs ref_hidden/ref_weight, a one-head call none")
+    if ref is not None:
+        check_pair(policy, ref, sharded)
+        ref = HeadTensors(*(None if t is None else t.detach() for t in ref))
+    call = replace(call, backend=resolve_backend(call.backend, policy.hidden.device, policy.hidden.dtype))
+    hidden = policy.hidden.reshape(-1, policy.hidden.shape[-1])
+    rh, rw, rb = (None, None, None) if ref is None else (ref.hidden.reshape(-1, ref.hidden.shape[-1]), ref.weight,
+                                                         ref.bias)
+    logp, ref_logp, div, stats, shards = HeadFunction.apply(call, hidden, policy.weight, policy.bias, rh, rw, rb, y)
+    shape = targets.shape
+    if call.logp:
+        logp = logp.view(shape)
+    if call.two_heads:
+        div = div.view(shape)
+        if call.logp:
+            ref_logp = ref_logp.view(shape)
+    if call.stats:
+        stats = stats.view(*shape, _library.N_STATS)
+    return HeadResult(logp, ref_logp, div, stats, shards.sum() if sharded else policy.weight.shape[0])
+
+
+# ---------------------------------------------------------------- building a call from the user's options
+
+def transform(softcap=None, logit_scale=None, temperature=1.0, names=("softcap", "logit_scale")) -> Transform:
+    """A head's checked logit transform: the cap, then one multiplier logit_scale / temperature."""
+    cap = check_softcap(softcap, names[0])
+    s = 1.0 if logit_scale is None else check_scale(logit_scale, names[1]) or 1.0
+    return Transform(cap, check_scale(s / check_temperature(temperature), names[1]))
+
+
+def ref_transform(ref_softcap, ref_logit_scale, softcap, logit_scale, temperature=1.0) -> Transform:
+    """The reference head's transform; "same" (the default of the preference losses and the KL
+    primitives) takes the policy's cap or scale."""
+    return transform(softcap if isinstance(ref_softcap, str) and ref_softcap == "same" else ref_softcap,
+                     logit_scale if isinstance(ref_logit_scale, str) and ref_logit_scale == "same"
+                     else ref_logit_scale, temperature, ("ref_softcap", "ref_logit_scale"))
+
+
+def _check_bool(name, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def make_call(policy: Transform, *, ref: Optional[Transform] = None, divergence=Divergence.FORWARD_KL, mix=0.0,
+              ignore_index=-100, backend="auto", logp=True, stats=False, frozen="auto", process_group=None,
+              reduce_hidden_grad=True) -> HeadCall:
+    """A HeadCall from checked user options (the backend is resolved in run, against the device)."""
+    if frozen not in FROZEN_MODES:
+        raise ValueError(f"frozen must be one of {FROZEN_MODES}, got {frozen!r}")
+    if not isinstance(backend, str) or backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be one of ('auto', 'triton', 'torch'), got {backend!r}")
+    return HeadCall(policy, ref, Divergence(divergence), float(mix), check_ignore_index(ignore_index), backend,
+                    bool(logp), bool(stats), frozen, False, group_name(process_group),
+                    _check_bool("reduce_hidden_grad", reduce_hidden_grad))
+
+
+def _divergence(mix: float) -> Divergence:
+    return Divergence.FORWARD_KL if mix == 0 else Divergence.REVERSE_KL if mix == 1 else Divergence.JSD
+
+
+# ---------------------------------------------------------------- the public Functions
+
+class LinearLogProbs:
     """logp = log_softmax(z)[targets], z = softcap(hidden @ weight.T + bias) * logit_scale, 0 at
     ignore_index.
 
-    apply(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats, logit_scale)
+    apply(hidden, weight, targets, bias, ignore_index, softcap, backend, with_stats, logit_scale,
+    process_group, reduce_hidden_grad)
     -> (logp float32 [*targets.shape] (float64 for float64 inputs),
         stats [*targets.shape, 4] or [0]).
     stats (0 on ignored rows) = (sum of logits over V, entropy, argmax == target, log sum_v p^2),
@@ -151,170 +259,18 @@ class LinearLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, bias=None, ignore_index=-100, softcap=None,
-                backend="auto", with_stats=False, logit_scale=None, process_group=None, reduce_hidden_grad=True):
-        ctx.set_materialize_grads(False)
-        group, ctx.reduce_hidden_grad = _check_group(process_group, reduce_hidden_grad)
-        hidden, weight, bias = _autocast(hidden, weight, bias)
-        flat, y, ignore_index, softcap, backend = _check_one(hidden, weight, bias, targets, ignore_index,
-                                                             softcap, backend, sharded=group is not None)
-        scale = check_scale(logit_scale)
-        with_stats = bool(with_stats)
-        needs = _needs(ctx, bias)
-        ctx.frozen = needs[0] and not any(needs[1:]) and frozen_path() == "one-pass"
-        direction = None
-        ctx.dist = None
-        if group is not None:   # vocabulary-parallel: the world's partials merged, per-row results
-            logp, lse, stats, direction, ctx.dist = distributed.logprob_fwd(
-                flat, weight, y, bias, ignore_index, softcap, scale, backend, with_stats, group, frozen=ctx.frozen)
-        elif ctx.frozen:   # the LoRA case: dlogp/dh from the forward's sweep, backward one multiply
-            logp, lse, stats, direction = _library.logprob_fwd_frozen(flat, weight, y, bias, ignore_index, softcap,
-                                                                      scale, backend, with_stats)
-        else:
-            logp, lse, stats = _library.logprob_fwd(flat, weight, y, bias, ignore_index, softcap, scale, backend,
-                                                    with_stats)
-        ctx.hshape, ctx.ignore_index, ctx.softcap, ctx.scale, ctx.backend = (hidden.shape, ignore_index, softcap,
-                                                                            scale, backend)
-        ctx.with_stats, ctx.hdtype = with_stats, hidden.dtype
-        if any(needs):
-            ctx.save_for_backward(flat, weight, bias, y, lse, stats if with_stats else None, direction)
-        return logp.view(targets.shape), _stats_view(stats, targets.shape, with_stats)
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_stats):
-        flat, weight, bias, y, lse, stats, direction = ctx.saved_tensors
-        needs = _needs(ctx, bias)
-        if grad_logp is None and grad_stats is None:
-            return (None,) * 11
-        g = torch.zeros_like(lse) if grad_logp is None else grad_logp.reshape(-1)
-        gst = None if grad_stats is None or not ctx.with_stats else grad_stats.reshape(-1, _library.N_STATS)
-        rest = (None,) * 7
-        if ctx.frozen and gst is None:     # dH = g d: no pass over the vocabulary
-            dh = g.to(direction.dtype)[:, None] * direction
-            if ctx.dist is not None:       # d is this shard's part: the group's sum
-                dh = distributed.reduce_direction_grad(ctx.dist, dh, ctx.reduce_hidden_grad)
-            dh, _, _ = _policy_grads(ctx, dh.to(ctx.hdtype), None, None, needs, (flat, weight, bias))
-            return dh, None, None, None, *rest
-        if ctx.dist is not None:
-            dh, dw, db = distributed.logprob_bwd(ctx.dist, g, gst, flat, weight, bias, lse, stats, ctx.softcap,
-                                                 ctx.scale, ctx.backend, needs, ctx.reduce_hidden_grad)
-        else:
-            with _gathered(weight, bias):
-                dh, dw, db = _library.logprob_bwd(g, gst, flat, weight, y, bias, lse, stats, ctx.ignore_index,
-                                                  ctx.softcap, ctx.scale, ctx.backend, *needs)
-        dh, dw, db = _policy_grads(ctx, dh, dw, db, needs, (flat, weight, bias))
-        return dh, dw, None, db, *rest
+    def apply(hidden, weight, targets, bias=None, ignore_index=-100, softcap=None, backend="auto", with_stats=False,
+              logit_scale=None, process_group=None, reduce_hidden_grad=True, *, frozen="auto"):
+        call = make_call(transform(softcap, logit_scale), ignore_index=ignore_index, backend=backend,
+                         stats=bool(with_stats), frozen=frozen, process_group=process_group,
+                         reduce_hidden_grad=reduce_hidden_grad)
+        out = run(call, targets, HeadTensors(hidden, weight, bias))
+        return out.logp, out.stats
 
 
-def _combined_scale(logit_scale, temperature, name="logit_scale"):
-    """One multiplier after the cap from a logit scale and a temperature (None when 1)."""
-    s = 1.0 if logit_scale is None else check_scale(logit_scale, name) or 1.0
-    return check_scale(s / check_temperature(temperature), name)
-
-
-def linear_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None,
-                    logit_scale=None, temperature=1.0, backend="auto", process_group=None, reduce_hidden_grad=True):
-    """Per-token log-probabilities of a linear LM head without an N x V tensor.
-
-    hidden [..., D] and weight [V, D] of one dtype (float32, float16, bfloat16; float64 on the
-    torch backend; under torch.autocast the autocast dtype), bias [V] or None, targets [...]
-    integer. Logits: softcap(hidden @ weight.T + bias) * logit_scale / temperature. Returns
-    float32 (float64 for float64 inputs) of targets' shape, 0.0 where ignore_index.
-    process_group: vocabulary-parallel (weight, bias the rank's shard; README "Distributed");
-    DTensor weights are resolved by fusedpref.distributed.resolve.
-    """
-    hidden, weight, bias, *_, process_group = distributed.resolve_heads(hidden, weight, bias,
-                                                                        process_group=process_group)
-    logp, _ = LinearLogProbs.apply(hidden, weight, targets, bias, ignore_index, softcap, backend, False,
-                                   _combined_scale(logit_scale, temperature), process_group, reduce_hidden_grad)
-    return logp
-
-
-class _Heads:
-    """The checked, flattened arguments of a two-head call and its options."""
-
-    def __init__(self, hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-                 backend, *, ref_softcap=None, scale=None, ref_scale=None, beta=0.0, process_group=None,
-                 reduce_hidden_grad=True):
-        self.group, self.reduce_hidden_grad = _check_group(process_group, reduce_hidden_grad)
-        sharded = self.group is not None
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _autocast(hidden, weight, bias, ref_hidden,
-                                                                           ref_weight, ref_bias)
-        self.flat, self.y, self.ignore_index, self.softcap, self.backend = _check_one(
-            hidden, weight, bias, targets, ignore_index, softcap, backend, sharded)
-        self.rflat = _check_ref(hidden, weight, ref_hidden, ref_weight, ref_bias, sharded)
-        self.weight, self.bias = weight, bias
-        self.rw, self.rb = ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
-        self.ref_softcap = check_softcap(ref_softcap, "ref_softcap")
-        self.scale, self.ref_scale = check_scale(scale), check_scale(ref_scale, "ref_logit_scale")
-        self.beta = check_beta_divergence(beta)
-        self.div = 0 if self.beta == 0 else 1 if self.beta == 1 else 2
-        self.hshape = hidden.shape
-
-
-def _kl_forward(ctx, heads: _Heads, with_logp, with_stats):
-    """(div, lse, rlse, aux, logp, ref_logp, stats); a frozen policy head with the forward KL takes
-    the one-pass path (the directions of dH saved, backward one multiply-add)."""
-    ctx.set_materialize_grads(False)
-    k = heads
-    needs = _needs(ctx, k.bias, 5)
-    ctx.frozen = needs[0] and not any(needs[1:]) and k.div == 0 and frozen_path() == "one-pass"
-    d_lp = d_kl = None
-    ctx.dist, ctx.reduce_hidden_grad = None, k.reduce_hidden_grad
-    if k.group is not None:     # vocabulary-parallel (frozen: this shard's parts of the directions)
-        *out, ctx.dist = distributed.kl_fwd(
-            k.flat, k.weight, k.rflat, k.rw, k.y, k.bias, k.rb, k.ignore_index, k.softcap, k.scale, k.ref_softcap,
-            k.ref_scale, k.div, k.beta, k.backend, with_logp, with_stats, k.group, frozen=ctx.frozen)
-        if ctx.frozen:
-            *out, d_lp, d_kl = out
-        out = tuple(out)
-    elif ctx.frozen:
-        kl, lse, rlse, logp, ref_logp, stats, d_lp, d_kl = _library.kl_fwd_frozen(
-            k.flat, k.weight, k.rflat, k.rw, k.y, k.bias, k.rb, k.ignore_index, k.softcap, k.scale, k.ref_softcap,
-            k.ref_scale, k.backend, with_logp, with_stats)
-        out = (kl, lse, rlse, torch.zeros_like(lse), logp, ref_logp, stats)
-    else:
-        out = _library.kl_fwd(k.flat, k.weight, k.rflat, k.rw, k.y, k.bias, k.rb, k.ignore_index, k.softcap,
-                              k.scale, k.ref_softcap, k.ref_scale, k.div, k.beta, k.backend, with_logp, with_stats)
-    ctx.heads_opts = (k.ignore_index, k.softcap, k.scale, k.ref_softcap, k.ref_scale, k.div, k.beta, k.backend)
-    ctx.hshape, ctx.with_stats, ctx.hdtype = k.hshape, with_stats, k.flat.dtype
-    if any(needs):
-        ctx.save_for_backward(k.flat, k.weight, k.bias, k.rflat, k.rw, k.rb, k.y, out[1], out[2], out[3],
-                              out[6] if with_stats else None, d_lp if with_logp else None, d_kl)
-    return out
-
-
-def _kl_backward(ctx, grad_div, grad_logp, grad_stats=None):
-    flat, weight, bias, rflat, rw, rb, y, lse, rlse, aux, stats, d_lp, d_kl = ctx.saved_tensors
-    needs = _needs(ctx, bias, 5)
-    if grad_div is None and grad_logp is None and grad_stats is None:
-        return None, None, None
-    ignore_index, softcap, scale, ref_softcap, ref_scale, div, beta, backend = ctx.heads_opts
-    gst = None if grad_stats is None or not ctx.with_stats else grad_stats.reshape(-1, _library.N_STATS)
-    if ctx.frozen and gst is None:     # dH = g_kl d_kl + g_lp d_lp: no pass over the vocabulary
-        dh = torch.zeros_like(d_kl)
-        if grad_div is not None:
-            dh += grad_div.reshape(-1, 1).to(dh.dtype) * d_kl
-        if grad_logp is not None:
-            dh += grad_logp.reshape(-1, 1).to(dh.dtype) * d_lp
-        if ctx.dist is not None:           # the directions are this shard's parts: the group's sum
-            dh = distributed.reduce_direction_grad(ctx.dist, dh, ctx.reduce_hidden_grad)
-        return _policy_grads(ctx, dh.to(ctx.hdtype), None, None, needs, (flat, weight, bias))
-    g = torch.zeros_like(lse) if grad_div is None else grad_div.reshape(-1)
-    if ctx.dist is not None:
-        dh, dw, db = distributed.kl_bwd(ctx.dist, g, None if grad_logp is None else grad_logp.reshape(-1), gst, flat,
-                                        weight, rflat, rw, bias, rb, lse, rlse, aux, stats, softcap, scale,
-                                        ref_softcap, ref_scale, div, beta, backend, needs, ctx.reduce_hidden_grad)
-        return _policy_grads(ctx, dh, dw, db, needs, (flat, weight, bias))
-    with _gathered(weight, bias, rw, rb):
-        dh, dw, db = _library.kl_bwd(g, None if grad_logp is None else grad_logp.reshape(-1), gst, flat, weight,
-                                     rflat, rw, y, bias, rb, lse, rlse, aux, stats, ignore_index, softcap, scale,
-                                     ref_softcap, ref_scale, div, beta, backend, *needs)
-    return _policy_grads(ctx, dh, dw, db, needs, (flat, weight, bias))
-
-
-class LinearKL(torch.autograd.Function):
-    """Per-token KL(p_ref || p_theta) over the full vocabulary between two linear heads.
+class LinearKL:
+    """Per-token KL(p_ref || p_theta) over the full vocabulary between two linear heads (one
+    soft-cap for both).
 
     apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
     backend, process_group, reduce_hidden_grad) -> float32 [*targets.shape]; targets only mark
@@ -323,30 +279,15 @@ class LinearKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
-                ignore_index=-100, softcap=None, backend="auto", process_group=None, reduce_hidden_grad=True):
-        heads = _Heads(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-                       backend, ref_softcap=softcap, process_group=process_group,
-                       reduce_hidden_grad=reduce_hidden_grad)
-        return _kl_forward(ctx, heads, False, False)[0].view(targets.shape)
-
-    @staticmethod
-    def backward(ctx, grad_kl):
-        dh, dw, db = _kl_backward(ctx, grad_kl, None)
-        return dh, dw, None, None, None, db, None, None, None, None, None, None
+    def apply(hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None, ignore_index=-100,
+              softcap=None, backend="auto", process_group=None, reduce_hidden_grad=True, *, frozen="auto"):
+        xf = transform(softcap)
+        call = make_call(xf, ref=xf, ignore_index=ignore_index, backend=backend, logp=False, frozen=frozen,
+                         process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+        return run(call, targets, HeadTensors(hidden, weight, bias), HeadTensors(ref_hidden, ref_weight, ref_bias)).div
 
 
-def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
-              ignore_index=-100, softcap=None, backend="auto", process_group=None, reduce_hidden_grad=True):
-    """Per-token KL(p_ref || p_theta) [targets.shape] float32; 0 where targets == ignore_index.
-    process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = distributed.resolve_heads(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
-    return LinearKL.apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
-                          softcap, backend, process_group, reduce_hidden_grad)
-
-
-class LinearDivergence(torch.autograd.Function):
+class LinearDivergence:
     """Per-token divergence between the policy (student) head and the reference (teacher) head
     over the full vocabulary, and optionally the policy's statistics, from one pass over both
     heads (the generalised JSD takes two) and one recompute in backward. Gradients flow to the
@@ -356,8 +297,9 @@ class LinearDivergence(torch.autograd.Function):
         beta = 1:     KL(p || p_ref)                    (reverse KL)
         0 < beta < 1: beta KL(p_ref || m) + (1 - beta) KL(p || m),  m = (1 - beta) p + beta p_ref
 
-    Each head's logits are softcap(h @ W.T + b) * logit_scale with its own cap and scale (a
-    temperature T is a scale 1 / T on both). The two heads may differ in hidden size and dtype.
+    (beta is the mixture weight, `mix` in linear_divergence.) Each head's logits are
+    softcap(h @ W.T + b) * logit_scale with its own cap and scale (a temperature T is a scale
+    1 / T on both). The two heads may differ in hidden size and dtype.
 
     apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, backend,
     beta, softcap, ref_softcap, logit_scale, ref_logit_scale, with_stats, process_group,
@@ -368,79 +310,135 @@ class LinearDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
-                ignore_index=-100, backend="auto", beta=0.0, softcap=None, ref_softcap=None, logit_scale=None,
-                ref_logit_scale=None, with_stats=False, process_group=None, reduce_hidden_grad=True):
-        heads = _Heads(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-                       backend, ref_softcap=ref_softcap, scale=logit_scale, ref_scale=ref_logit_scale, beta=beta,
-                       process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    def apply(hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None, ignore_index=-100,
+              backend="auto", beta=0.0, softcap=None, ref_softcap=None, logit_scale=None, ref_logit_scale=None,
+              with_stats=False, process_group=None, reduce_hidden_grad=True, *, frozen="auto"):
+        mix = check_mix(beta, "beta")
         with_stats = bool(with_stats)
-        out = _kl_forward(ctx, heads, with_stats, with_stats)
-        return out[0].view(targets.shape), _stats_view(out[6], targets.shape, with_stats)
-
-    @staticmethod
-    def backward(ctx, grad_div, grad_stats):
-        dh, dw, db = _kl_backward(ctx, grad_div, None, grad_stats)
-        return (dh, dw, None, None, None, db) + (None,) * 11
-
-
-def linear_divergence(hidden, weight, ref_hidden, ref_weight, targets, *, beta=0.0, bias=None, ref_bias=None,
-                      ignore_index=-100, softcap=None, ref_softcap=None, logit_scale=None, ref_logit_scale=None,
-                      temperature=1.0, backend="auto", process_group=None, reduce_hidden_grad=True):
-    """Per-token divergence [targets.shape] float32 between two heads (LinearDivergence; beta 0:
-    KL(p_ref || p), 1: KL(p || p_ref), between: the generalised JSD); each head's logits are
-    softcap(h @ W.T + b) * logit_scale / temperature. 0 where targets == ignore_index.
-    process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = distributed.resolve_heads(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
-    div, _ = LinearDivergence.apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index,
-                                    backend, beta, softcap, ref_softcap, _combined_scale(logit_scale, temperature),
-                                    _combined_scale(ref_logit_scale, temperature, "ref_logit_scale"), False,
-                                    process_group, reduce_hidden_grad)
-    return div
+        call = make_call(transform(softcap, logit_scale),
+                         ref=transform(ref_softcap, ref_logit_scale, names=("ref_softcap", "ref_logit_scale")),
+                         divergence=_divergence(mix), mix=mix, ignore_index=ignore_index, backend=backend,
+                         logp=with_stats, stats=with_stats, frozen=frozen, process_group=process_group,
+                         reduce_hidden_grad=reduce_hidden_grad)
+        out = run(call, targets, HeadTensors(hidden, weight, bias), HeadTensors(ref_hidden, ref_weight, ref_bias))
+        return out.div, out.stats
 
 
-class LinearLogProbsKL(torch.autograd.Function):
+class LinearLogProbsKL:
     """The policy's and the reference's per-token log-probs and KL(p_ref || p_theta), all from one
     pass over both heads (EXPO's per-token work; LinearLogProbs + a reference forward + LinearKL
     would read each head three times).
 
     apply(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
     backend, with_stats, process_group, reduce_hidden_grad) -> (logp, ref_logp, kl) float32
-    [*targets.shape] and stats as in
-    LinearLogProbs; 0 where ignore_index. Gradients flow to the policy (hidden, weight, bias) from
-    logp, kl and stats, through one backward pass: dz = g_lp (onehot - p) + g_kl (p - p_ref) + ...
-    ref_logp is not differentiable.
+    [*targets.shape] and stats as in LinearLogProbs; 0 where ignore_index. Gradients flow to the
+    policy (hidden, weight, bias) from logp, kl and stats, through one backward pass:
+    dz = g_lp (onehot - p) + g_kl (p - p_ref) + ...; ref_logp is not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None,
-                ignore_index=-100, softcap=None, backend="auto", with_stats=False, process_group=None,
-                reduce_hidden_grad=True):
-        heads = _Heads(hidden, weight, ref_hidden, ref_weight, targets, bias, ref_bias, ignore_index, softcap,
-                       backend, ref_softcap=softcap, process_group=process_group,
-                       reduce_hidden_grad=reduce_hidden_grad)
-        with_stats = bool(with_stats)
-        kl, _, _, _, logp, ref_logp, stats = _kl_forward(ctx, heads, True, with_stats)
-        shape = targets.shape
-        ref_logp = ref_logp.view(shape)
-        ctx.mark_non_differentiable(ref_logp)   # the returned tensor itself
-        return logp.view(shape), ref_logp, kl.view(shape), _stats_view(stats, shape, with_stats)
-
-    @staticmethod
-    def backward(ctx, grad_logp, _grad_ref, grad_kl, grad_stats):
-        dh, dw, db = _kl_backward(ctx, grad_kl, grad_logp, grad_stats)
-        return dh, dw, None, None, None, db, None, None, None, None, None, None, None
+    def apply(hidden, weight, ref_hidden, ref_weight, targets, bias=None, ref_bias=None, ignore_index=-100,
+              softcap=None, backend="auto", with_stats=False, process_group=None, reduce_hidden_grad=True, *,
+              frozen="auto"):
+        xf = transform(softcap)
+        call = make_call(xf, ref=xf, ignore_index=ignore_index, backend=backend, stats=bool(with_stats),
+                         frozen=frozen, process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+        out = run(call, targets, HeadTensors(hidden, weight, bias), HeadTensors(ref_hidden, ref_weight, ref_bias))
+        return out.logp, out.ref_logp, out.div, out.stats
 
 
-def linear_logprobs_kl(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
-                       ignore_index=-100, softcap=None, backend="auto", process_group=None, reduce_hidden_grad=True):
+# ---------------------------------------------------------------- the functional forms
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
+                    ignore_index: int = -100, softcap: Optional[float] = None, logit_scale: Optional[float] = None,
+                    temperature: float = 1.0, backend: Backend = "auto", frozen: FrozenMode = "auto",
+                    process_group=None, reduce_hidden_grad: bool = True) -> Tensor:
+    """Per-token log-probabilities of a linear LM head without an N x V tensor.
+
+    hidden [..., D] and weight [V, D] of one dtype (float32, float16, bfloat16; float64 on the
+    torch backend; under torch.autocast the autocast dtype), bias [V] or None, targets [...]
+    integer. Logits: softcap(hidden @ weight.T + bias) * logit_scale / temperature. Returns
+    float32 (float64 for float64 inputs) of targets' shape, 0.0 where ignore_index.
+    frozen: the path of a frozen head ("auto": the one-pass path when only hidden requires grad).
+    process_group: vocabulary-parallel (weight, bias the rank's shard; README "Distributed");
+    DTensor weights are resolved by fusedpref._dtensor.resolve.
+    """
+    hidden, weight, bias, *_, process_group = _dtensor.resolve_heads(hidden, weight, bias,
+                                                                     process_group=process_group)
+    call = make_call(transform(softcap, logit_scale, temperature), ignore_index=ignore_index, backend=backend,
+                     frozen=frozen, process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    return run(call, targets, HeadTensors(hidden, weight, bias)).logp
+
+
+def _two_head_call(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group):
+    """DTensor heads resolved: (policy HeadTensors, ref HeadTensors, process_group)."""
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = _dtensor.resolve_heads(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
+    return HeadTensors(hidden, weight, bias), HeadTensors(ref_hidden, ref_weight, ref_bias), process_group
+
+
+def linear_kl(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor, *,
+              bias: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None, ignore_index: int = -100,
+              softcap: Optional[float] = None, ref_softcap: Union[float, None, Same] = "same",
+              logit_scale: Optional[float] = None, ref_logit_scale: Union[float, None, Same] = "same",
+              temperature: float = 1.0, backend: Backend = "auto", frozen: FrozenMode = "auto",
+              process_group=None, reduce_hidden_grad: bool = True) -> Tensor:
+    """Per-token KL(p_ref || p_theta) [targets.shape] float32; 0 where targets == ignore_index.
+    The reference head's cap and scale default to the policy's ("same").
+    process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
+    policy, ref, process_group = _two_head_call(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
+    call = make_call(transform(softcap, logit_scale, temperature),
+                     ref=ref_transform(ref_softcap, ref_logit_scale, softcap, logit_scale, temperature),
+                     ignore_index=ignore_index, backend=backend, logp=False, frozen=frozen,
+                     process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    return run(call, targets, policy, ref).div
+
+
+def linear_logprobs_kl(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor, *,
+                       bias: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None, ignore_index: int = -100,
+                       softcap: Optional[float] = None, ref_softcap: Union[float, None, Same] = "same",
+                       logit_scale: Optional[float] = None, ref_logit_scale: Union[float, None, Same] = "same",
+                       temperature: float = 1.0, backend: Backend = "auto", frozen: FrozenMode = "auto",
+                       process_group=None, reduce_hidden_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, ref_logp, kl), each float32 [targets.shape], from one pass over both heads;
     0 where targets == ignore_index. Gradients reach the policy head through logp and kl.
+    The reference head's cap and scale default to the policy's ("same").
     process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group = distributed.resolve_heads(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
-    logp, ref_logp, kl, _ = LinearLogProbsKL.apply(hidden, weight, ref_hidden, ref_weight, targets, bias,
-                                                   ref_bias, ignore_index, softcap, backend, False, process_group,
-                                                   reduce_hidden_grad)
-    return logp, ref_logp, kl
+    policy, ref, process_group = _two_head_call(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
+    call = make_call(transform(softcap, logit_scale, temperature),
+                     ref=ref_transform(ref_softcap, ref_logit_scale, softcap, logit_scale, temperature),
+                     ignore_index=ignore_index, backend=backend, frozen=frozen, process_group=process_group,
+                     reduce_hidden_grad=reduce_hidden_grad)
+    out = run(call, targets, policy, ref)
+    return out.logp, out.ref_logp, out.div
+
+
+_NO_MIX = object()
+
+
+def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor, *,
+                      mix: float = 0.0, bias: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
+                      ignore_index: int = -100, softcap: Optional[float] = None, ref_softcap: Optional[float] = None,
+                      logit_scale: Optional[float] = None, ref_logit_scale: Optional[float] = None,
+                      temperature: float = 1.0, backend: Backend = "auto", process_group=None,
+                      reduce_hidden_grad: bool = True, beta=_NO_MIX) -> Tensor:
+    """Per-token divergence [targets.shape] float32 between two heads (LinearDivergence): mix 0
+    KL(p_ref || p), 1 KL(p || p_ref), between the generalised JSD with the mixture
+    m = (1 - mix) p + mix p_ref. Each head's logits are softcap(h @ W.T + b) * logit_scale /
+    temperature with its own cap and scale (the teacher's default to none). 0 where targets ==
+    ignore_index. beta is the deprecated name of mix.
+    process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
+    if beta is not _NO_MIX:
+        warnings.warn("linear_divergence(beta=...) is deprecated: the mixture weight is now called mix "
+                      "(beta is the loss strength everywhere else in fusedpref)", FutureWarning, stacklevel=2)
+        if mix != 0.0:
+            raise TypeError("pass the mixture weight once: mix= (beta= is its deprecated name)")
+        mix = check_mix(beta, "beta")
+    mix = check_mix(mix, "mix")
+    policy, ref, process_group = _two_head_call(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
+    call = make_call(transform(softcap, logit_scale, temperature),
+                     ref=transform(ref_softcap, ref_logit_scale, temperature, ("ref_softcap", "ref_logit_scale")),
+                     divergence=_divergence(mix), mix=mix, ignore_index=ignore_index, backend=backend, logp=False,
+                     process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    return run(call, targets, policy, ref).div
+

@@ -168,7 +168,8 @@ def kernels(dry_run=False, out=print, csv_path=None):
     import torch
     import triton
 
-    from . import config, ops, schedule
+    from . import _partials, config, ops, schedule
+    from ._spec import Head, Transform
 
     device = torch.device("cpu" if dry_run else "cuda")
     n, d, v = DRY["main"] if dry_run else MAIN
@@ -191,9 +192,9 @@ def kernels(dry_run=False, out=print, csv_path=None):
             f"= {r['pct_of_gemm']:5.1f}% of GEMM  {note}")
 
     fl = 2 * n * d * v
-    row("forward logprob_fwd (+stats)", bench(lambda: ops.logprob_forward(h, w, None, y, None, True)), fl,
-        gemm_ms(n, d, v))
-    lse = ops.logprob_forward(h, w, None, y, None, False)[1]
+    head = Head(h, w, None, Transform())
+    row("forward logprob_fwd (+stats)", bench(lambda: ops.logprob_partials(head, y, True)), fl, gemm_ms(n, d, v))
+    lse = _partials.finish_logprob(*ops.logprob_partials(head, y, False)[:2], y)[1]
     tiles = config.tiles("dz", device, dtype)
     widths = (256, 512) if dry_run else (1024, 4096, 8192, 16384)
     for cols in widths:
@@ -206,7 +207,7 @@ def kernels(dry_run=False, out=print, csv_path=None):
 
             logprob_dz_kernel[(nb * triton.cdiv(cols, tiles.BLOCK_V),)](
                 h, w, h, y, lse, g, g, g, dz, lse, n, v, d, 0, cols, h.stride(0), h.stride(1), w.stride(0),
-                w.stride(1), dz.stride(0), 0, HAS_BIAS=False, **ops._xf(None, None), STATS_GRAD=False, HAS_DB=False,
+                w.stride(1), dz.stride(0), 0, HAS_BIAS=False, **ops._xf(head), STATS_GRAD=False, HAS_DB=False,
                 DOT_FP32=ops._dot_fp32(dtype), GROUP_M=schedule.GROUP_M, **tiles.constexprs(), **tiles.launch())
         fc = 2 * n * d * cols
         gm = gemm_ms(n, d, cols)
@@ -229,15 +230,12 @@ def kernels(dry_run=False, out=print, csv_path=None):
     hf = h.clone().requires_grad_()
     times = {}
     for path in ("one-pass", "standard"):
-        os.environ["FUSEDPREF_FROZEN"] = path
-
         def frozen_step():
             hf.grad = None
-            (fusedpref.linear_logprobs(hf, w, y, backend="triton") * g).sum().backward()
+            (fusedpref.linear_logprobs(hf, w, y, backend="triton", frozen=path) * g).sum().backward()
         times[path] = bench(frozen_step)
         row(f"frozen head fwd+bwd {path}", times[path], (2 if path == "one-pass" else 3) * fl,
             (2 if path == "one-pass" else 3) * rows[0]["gemm_ms"])
-    os.environ.pop("FUSEDPREF_FROZEN", None)
     out(f"kernel frozen head: one-pass / standard = {times['one-pass'] / times['standard']:.2f}x")
     _, model = schedule.model(n, d, v, "bf16", "H200")
     out(f"kernel roofline (model, H200): total lower bound {model['total_bound_ms']:.1f} ms for fwd+bwd "

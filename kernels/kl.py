@@ -4,31 +4,34 @@ read of each head instead of three). The policy (student) gets the gradient; the
 (teacher) none. Each head has its own hidden state, weight, bias, soft-cap and logit scale; the
 hidden sizes and dtypes may differ.
 
+One constexpr DIV (kernels/modes.py) selects the divergence in both kernels.
+
 Forward (per valid row i, vocabulary split s), z = policy logits, r = reference logits:
-    online log-sum-exp of z (m_z, l_z) and of r (m_r, l_r), and with KL_DIR
-      0 (KL(p_ref || p)):  a = sum_v exp(r_v - m_r) ((r_v - m_r) - (z_v - m_z))
-      1 (KL(p || p_ref)):  a = sum_v exp(z_v - m_z) ((z_v - m_z) - (r_v - m_r))
-      2: no KL term (the generalised JSD's first pass: both log-sum-exps only)
-    a is kept relative to both running maxes: when they grow (m_r', m_z' for KL_DIR 0)
-        a' = e^(m_r - m_r') (a + l_r ((m_r - m_r') - (m_z - m_z')))      (KL_DIR 1: roles swapped)
+    online log-sum-exp of z (m_z, l_z) and of r (m_r, l_r), and with DIV
+      FORWARD_KL (KL(p_ref || p)):  a = sum_v exp(r_v - m_r) ((r_v - m_r) - (z_v - m_z))
+      REVERSE_KL (KL(p || p_ref)):  a = sum_v exp(z_v - m_z) ((z_v - m_z) - (r_v - m_r))
+      JSD: no KL term (the generalised JSD's first pass: both log-sum-exps only)
+    a is kept relative to both running maxes: when they grow (m_r', m_z' for FORWARD_KL)
+        a' = e^(m_r - m_r') (a + l_r ((m_r - m_r') - (m_z - m_z')))      (REVERSE_KL: roles swapped)
     (an expectation of raw logits would cancel against lse_r - lse_z at large logits).
   LOGP adds the target logits z[y_i], r[y_i]; STATS the policy's statistics (as logprobs.py).
   Partials go to fixed planes (fusedpref/_partials.py PLANES); the host combines splits (a moved to the global
-  maxes the same way): KL_DIR 0: KL = a / l_r - log l_r + log l_z; 1: a / l_z - log l_z + log l_r.
+  maxes the same way): FORWARD_KL: KL = a / l_r - log l_r + log l_z; REVERSE_KL: a / l_z - log l_z + log l_r.
   The JSD's second pass (jsd_fwd_kernel), given both lse, sums per split
     jsd = sum_v beta q_v (log q_v - log m_v) + (1 - beta) p_v (log p_v - log m_v),
     kls = sum_v p_v (log p_v - log m_v),          m = (1 - beta) p + beta q (p, q the softmaxes).
 
 Backward (policy only), for g = dL/ddivergence, with LOGP g_lp = dL/dlogp, with STATS_GRAD the
 statistics' upstream gradient (tiles.stats_grad):
-    DIV 0 (KL(q || p)):    dz = g (p - q)
-    DIV 1 (KL(p || q)):    dz = g p (log p - log q - KL)            aux = KL
-    DIV 2 (JSD):           dz = g (1 - beta) p (log p - log m - kls)   aux = kls
+    FORWARD_KL (KL(q || p)):   dz = g (p - q)
+    REVERSE_KL (KL(p || q)):   dz = g p (log p - log q - KL)            aux = KL
+    JSD:                       dz = g (1 - beta) p (log p - log m - kls)   aux = kls
     + g_lp (onehot(y) - p) [+ stats_grad], then head_chain (the policy's cap and scale).
 """
 import triton
 import triton.language as tl
 
+from .modes import FORWARD_KL, JSD, REVERSE_KL
 from .tiles import (grouped_tile, head_chain, logit_tile, split_rows, stats_grad, stats_init, stats_step,
                     stats_store)
 
@@ -42,7 +45,7 @@ def kl_fwd_kernel(
     softcap, scale, ref_softcap, ref_scale,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_REF_SOFTCAP: tl.constexpr, HAS_REF_SCALE: tl.constexpr, KL_DIR: tl.constexpr,
+    HAS_REF_SOFTCAP: tl.constexpr, HAS_REF_SCALE: tl.constexpr, DIV: tl.constexpr,
     LOGP: tl.constexpr, STATS: tl.constexpr,
     DOT_FP32: tl.constexpr, REF_DOT_FP32: tl.constexpr,
 ):
@@ -90,11 +93,11 @@ def kl_fwd_kernel(
         #    new maxes (nothing to move before the first tile), add this tile
         diff = (tl.where(col_mask[None, :], r - mr_new[:, None], 0.0)
                 - tl.where(col_mask[None, :], z - mz_new[:, None], 0.0))      # no -inf - -inf
-        if KL_DIR == 0:
+        if DIV == FORWARD_KL:
             started = l_r > 0
             shift = tl.where(started, m_r - mr_new, 0.0) - tl.where(started, m_z - mz_new, 0.0)
             a = alpha_r * (a + l_r * shift) + tl.sum(pr * diff, axis=1)
-        elif KL_DIR == 1:
+        elif DIV == REVERSE_KL:
             started = l_z > 0
             shift = tl.where(started, m_z - mz_new, 0.0) - tl.where(started, m_r - mr_new, 0.0)
             a = alpha_z * (a + l_z * shift) - tl.sum(p * diff, axis=1)
@@ -114,7 +117,7 @@ def kl_fwd_kernel(
     tl.store(out + plane, l_z, mask=row_mask)
     tl.store(out + 7 * plane, m_r, mask=row_mask)
     tl.store(out + 8 * plane, l_r, mask=row_mask)
-    if KL_DIR != 2:
+    if DIV != JSD:
         tl.store(out + 9 * plane, a, mask=row_mask)
     if LOGP:
         tl.store(out + 2 * plane, zy, mask=row_mask)
@@ -206,12 +209,12 @@ def kl_dz_kernel(
     logp = z - lse[:, None]
     logq = r - rlse[:, None]
     p = tl.exp(logp)
-    if DIV == 0:
+    if DIV == FORWARD_KL:
         dz = g[:, None] * (p - tl.exp(logq))
-    elif DIV == 1:
+    elif DIV == REVERSE_KL:
         aux = tl.load(aux_ptr + rows, mask=row_mask, other=0.0)
         dz = g[:, None] * p * (logp - logq - aux[:, None])
-    else:
+    else:   # JSD
         aux = tl.load(aux_ptr + rows, mask=row_mask, other=0.0)
         logm = _log_mixture(logp, logq, log_1mb, log_b)
         dz = (g * (1.0 - beta))[:, None] * p * (logp - logm - aux[:, None])

@@ -16,7 +16,10 @@ def _free_port():
 
 
 def _worker(rank, world, port, fn, args, reports):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FUSEDPREF_POISON="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from helpers import poison
+
+    poison()
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         fn(rank, world, *args)

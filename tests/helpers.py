@@ -1,7 +1,53 @@
-"""Random problem builders shared by the tests."""
+"""Shared by the tests (imported by them and by conftest.py; never import conftest itself): the
+device, the tolerance rule, random problem builders, the NaN-poisoning allocator, optional
+dependencies."""
+import importlib
+import os
+
 import torch
 
-from conftest import DEVICE
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+# atol of the tolerance rule |fused - oracle| <= 2 |eager same dtype - oracle| + atol
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+# 97 columns: a prime, so chunk boundaries fall inside the interpreter's 64-wide vocabulary tiles;
+# V=1009 spans 11 chunks, V=130 two. "one" is the default budget (V <= 1009 is one chunk).
+CHUNKINGS = {"one-chunk": None, "chunks97": "97"}
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within(name, fused, eager, oracle, dtype, atol=None):
+    """The suite's tolerance rule: fused error <= 2 x eager-same-dtype error + a small atol
+    (times max(1, max |oracle|))."""
+    assert fused is not None and oracle is not None, name
+    assert fused.shape == oracle.shape, (name, fused.shape, oracle.shape)
+    assert torch.isfinite(fused).all(), f"{name}: non-finite values"
+    e_fused = max_err(fused, oracle)
+    e_eager = max_err(eager, oracle)
+    # the atol is relative to the values' scale when they exceed 1 (a loss summed over pairs)
+    scale = max(1.0, oracle.detach().abs().max().item()) if oracle.numel() else 1.0
+    bound = 2 * e_eager + (ATOL[dtype] if atol is None else atol) * scale
+    assert e_fused <= bound, f"{name}: fused err {e_fused:.3g} > bound {bound:.3g} (eager err {e_eager:.3g})"
+
+
+def poisoned_empty(shape, dtype, device):
+    """fusedpref.config.empty for tests: NaN-filled (integers: -1), so that an element a kernel
+    should have written but did not shows up."""
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def poison():
+    """Every kernel output buffer starts as NaN in this process (conftest does it per test with
+    monkeypatch; spawned ranks call this)."""
+    from fusedpref import config
+
+    config.empty = poisoned_empty
 
 
 def make_head(n_shape, d, v, dtype, *, bias=False, ignore_frac=0.2, seed=0, scale=1.0,
@@ -25,9 +71,6 @@ def optional(module: str):
     """Imports an optional dependency (a comparator, TRL). A user without it gets a skip; under
     FUSEDPREF_REQUIRE_ALL=1 (set by scripts/test.sh, hence CI, which installs them all) a missing
     one is an error, so a failed install cannot turn tests into skips."""
-    import importlib
-    import os
-
     import pytest
 
     if os.environ.get("FUSEDPREF_REQUIRE_ALL") == "1":

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow   # ahead-of-time compiles (minutes)
+
 EXPECTED_KERNELS = {"logprob_fwd", "logprob_fwd_stats", "logprob_dz", "logprob_dz_stats", "mm_acc", "kl_fwd",
                     "kl_fwd_logp", "kl_fwd_logp_stats", "kl_fwd_rev_stats", "kl_fwd_jsd_stats", "jsd_fwd", "kl_dz",
                     "kl_dz_logp", "kl_dz_logp_stats", "kl_dz_rev_stats", "kl_dz_jsd_stats", "mm_acc_scaled",

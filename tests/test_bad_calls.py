@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fusedpref
-from conftest import DEVICE
+from helpers import DEVICE
 
 V, D = 50, 16
 g = torch.Generator().manual_seed(0)
@@ -35,10 +35,16 @@ CASES = {
     "logit-scale-zero": (lambda: lp(H, W, Y, logit_scale=0.0), ValueError, ["logit_scale", "finite nonzero"]),
     "logit-scale-str": (lambda: lp(H, W, Y, logit_scale="2"), TypeError, ["logit_scale", "float"]),
     "temperature-zero": (lambda: lp(H, W, Y, temperature=0.0), ValueError, ["temperature", "positive"]),
-    "divergence-beta": (lambda: fusedpref.linear_divergence(H, W, H, W, Y, beta=1.5), ValueError,
-                        ["beta must lie in [0, 1]", "JSD"]),
-    "divergence-beta-str": (lambda: fusedpref.linear_divergence(H, W, H, W, Y, beta="x"), TypeError,
-                            ["beta must be a float"]),
+    "divergence-mix": (lambda: fusedpref.linear_divergence(H, W, H, W, Y, mix=1.5), ValueError,
+                       ["mix must lie in [0, 1]", "JSD"]),
+    "divergence-mix-str": (lambda: fusedpref.linear_divergence(H, W, H, W, Y, mix="x"), TypeError,
+                           ["mix must be a float"]),
+    "divergence-beta-alias": (lambda: fusedpref.linear_divergence(H, W, H, W, Y, beta=1.5), ValueError,
+                              ["beta must lie in [0, 1]"]),
+    "divergence-mix-twice": (lambda: fusedpref.linear_divergence(H, W, H, W, Y, mix=0.5, beta=0.5), TypeError,
+                             ["pass the mixture weight once"]),
+    "frozen-mode": (lambda: lp(H, W, Y, frozen="fast"), ValueError, ["frozen must be one of"]),
+    "loss-frozen-mode": (lambda: pl(H, W, Y, ref_logps=R, frozen=True), ValueError, ["frozen must be one of"]),
     "divergence-ref-scale": (lambda: fusedpref.linear_divergence(H, W, H, W, Y, ref_logit_scale=float("inf")),
                              ValueError, ["ref_logit_scale", "finite nonzero"]),
     "divergence-ref-softcap": (lambda: fusedpref.linear_divergence(H, W, H, W, Y, ref_softcap=-1.0), ValueError,
@@ -211,10 +217,11 @@ CLI_CASES = {
 }
 
 
+@pytest.mark.slow      # a subprocess per case
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_bad_cli_flag(case):
     args, words = CLI_CASES[case]
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDPREF_POISON")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
     proc = subprocess.run([sys.executable, "-m", "fusedpref.cli", *args], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 2 and words in proc.stderr, (case, proc.returncode, proc.stderr[-800:])

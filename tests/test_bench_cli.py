@@ -8,9 +8,11 @@ import sys
 import pytest
 from helpers import optional
 
+pytestmark = pytest.mark.slow   # the bench CLI in subprocesses
+
 
 def test_bench_command_writes_table_csv_png(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDPREF_POISON")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
     cmd = [sys.executable, "-m", "fusedpref.cli", "bench", "--pairs", "2", "--seq", "64", "--d", "32",
            "--v", "32000", "--repeats", "1", "--providers", "eager,fused-torch", "--dtype", "float32", "--out", str(tmp_path),
            "--tag", "test"]
@@ -36,7 +38,7 @@ def test_cli_usage_and_unknown_command():
 
 
 def _bench(tmp_path, *args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDPREF_POISON")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
     cmd = [sys.executable, "-m", "fusedpref.cli", "bench", "--pairs", "1", "--seq", "32", "--d", "32",
            "--v", "1000", "--repeats", "1", "--no-sweep", "--dtype", "float32", "--out", str(tmp_path), "--tag", "t", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -171,7 +173,7 @@ def test_default_output_is_a_fresh_folder_and_plotting_is_optional(tmp_path):
         "        if name.split('.')[0] in ('matplotlib', 'tqdm'):\n"
         "            raise ModuleNotFoundError(f'No module named {name!r} (simulated)')\n"
         "sys.meta_path.insert(0, _Hide())\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDPREF_POISON")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
     env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "fusedpref.cli", "bench", "--pairs", "1", "--seq", "32", "--d", "32", "--v", "500",
            "--repeats", "1", "--providers", "fused-torch", "--dtype", "float32", "--tag", "t"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusedpref
-from conftest import DEVICE
+from helpers import DEVICE
 
 
 class TinyLM(torch.nn.Module):

@@ -66,6 +66,7 @@ def test_run_writes_figures(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
+@pytest.mark.slow      # the CLI in a subprocess
 def test_the_cli_command_writes_figures(tmp_path):
     """`fusedpref desiderata --out DIR` end to end (few optimizer steps)."""
     import os

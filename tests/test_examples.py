@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import optional
 
+pytestmark = pytest.mark.slow   # the examples in subprocesses
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RUNS = {"dpo.py": (["--steps", "5"], "rewards/accuracies"), "expo.py": (["--steps", "5"], "kl/chosen"),
         "lora_dpo.py": (["--steps", "5"], "LoRA DPO: loss"), "distill.py": (["--steps", "3"], "divergence"),

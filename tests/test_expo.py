@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedpref
-from conftest import DEVICE, assert_within
+from helpers import DEVICE, assert_within
 from fusedpref.losses import LOSSES, Pairs
 from fusedpref.reference import eager_logits, eager_preference_loss
 

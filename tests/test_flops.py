@@ -1,7 +1,7 @@
 """The torch backend does exactly the FLOPs its derivation says (FlopCounterMode counts every
 matmul): forward 2*Nv*D*V, backward 2 (recompute) + 2 (dW) + 2 (dH) times Nv*D*V; a frozen head
 4*Nv*D*V in all on the one-pass path (forward 2 logits + 2 softmax-weighted W, backward none) and
-on the standard path (FUSEDPREF_FROZEN=standard: forward 2, backward 2 + 2) 6; ignored rows
+on the standard path (frozen="standard": forward 2, backward 2 + 2) 6; ignored rows
 (N - Nv of them) cost nothing."""
 import pytest
 import torch
@@ -20,8 +20,7 @@ def _count(fn):
 
 @pytest.mark.parametrize("frozen,path", [(False, "one-pass"), (True, "one-pass"), (True, "standard")],
                          ids=["trainable", "frozen-one-pass", "frozen-standard"])
-def test_flops_follow_valid_rows(frozen, path, monkeypatch):
-    monkeypatch.setenv("FUSEDPREF_FROZEN", path)
+def test_flops_follow_valid_rows(frozen, path):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(N, D, generator=g, requires_grad=True)
     w = torch.randn(V, D, generator=g, requires_grad=not frozen)
@@ -29,7 +28,9 @@ def test_flops_follow_valid_rows(frozen, path, monkeypatch):
     y[: N * 3 // 4] = -100          # 75% ignored, as prompts often are
     nv = int((y != -100).sum())
     out = {}
-    fwd = _count(lambda: out.setdefault("logp", fusedpref.linear_logprobs(h, w, y, backend="torch")))
+    fwd = _count(lambda: out.setdefault("logp", fusedpref.linear_logprobs(h, w, y, backend="torch",
+                                                                             frozen="auto" if path == "one-pass"
+                                                                             else path)))
     bwd = _count(lambda: out["logp"].backward(torch.randn(N, generator=g)))
     one_pass = frozen and path == "one-pass"
     assert fwd == (4 if one_pass else 2) * nv * D * V
@@ -38,7 +39,7 @@ def test_flops_follow_valid_rows(frozen, path, monkeypatch):
     assert (w.grad is None) == frozen
 
 
-def _expo_flops(trainable_head):
+def _expo_flops(trainable_head, frozen="auto"):
     """(forward FLOPs, backward FLOPs, Nv) of preference_loss(loss_type="expo") on the torch backend."""
     g = torch.Generator().manual_seed(1)
     h = torch.randn(4, 16, D, generator=g, requires_grad=True)
@@ -48,7 +49,7 @@ def _expo_flops(trainable_head):
     y[:, :6] = -100
     out = {}
     fwd = _count(lambda: out.setdefault("loss", fusedpref.preference_loss(
-        h, w, y, loss_type="expo", ref_hidden=rh, ref_weight=rw, backend="torch")[0]))
+        h, w, y, loss_type="expo", ref_hidden=rh, ref_weight=rw, backend="torch", frozen=frozen)[0]))
     bwd = _count(lambda: out["loss"].backward())
     return fwd, bwd, int((y != -100).sum())
 
@@ -65,12 +66,11 @@ def test_expo_vocab_reads_each_head_once_per_pass():
 
 
 @pytest.mark.parametrize("path", ["one-pass", "standard"])
-def test_expo_pass_with_a_frozen_policy_head(path, monkeypatch):
+def test_expo_pass_with_a_frozen_policy_head(path):
     """EXPO's pass with a frozen policy head (LoRA): one-pass forward = both heads' logits (2 + 2)
     and the two softmax-weighted sums of the policy's W rows, under p and p_ref (2 + 2), backward
     none: 8 * Nv * D * V; the standard path: forward 4, backward recompute 4 + dH 2 = 10."""
-    monkeypatch.setenv("FUSEDPREF_FROZEN", path)
-    fwd, bwd, nv = _expo_flops(False)
+    fwd, bwd, nv = _expo_flops(False, path)
     matmul = 8 if path == "one-pass" else 4
     # + the row-wise dot products over V, counted as einsums (KL, entropy, sum p^2): 3 * (2 * Nv * V)
     assert fwd == matmul * nv * D * V + 6 * nv * V

@@ -1,9 +1,9 @@
 """The frozen-head one-pass path (hidden requires grad, the head does not: LoRA): the forward also
 accumulates dlogp/dh, backward is one multiply. Against the standard frozen path
-(FUSEDPREF_FROZEN=standard) and the float64 oracle, both backends, one and many chunks."""
+(frozen="standard") and the float64 oracle, both backends, one and many chunks."""
 import pytest
 import torch
-from conftest import DEVICE, assert_within
+from helpers import DEVICE, assert_within
 from helpers import leaves, make_head
 
 import fusedpref
@@ -22,7 +22,7 @@ def _spy(monkeypatch, backend):
 
     module = ops if backend == "triton" else chunked
     calls = []
-    for name in ("logprob_forward_frozen", "kl_forward_frozen"):
+    for name in ("logprob_partials_frozen", "kl_partials_frozen"):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
     return calls
@@ -38,12 +38,11 @@ def test_one_pass_equals_the_standard_path_and_the_oracle(backend, dtype, head, 
     calls = _spy(monkeypatch, backend)
     got = {}
     for path in ("one-pass", "standard"):
-        monkeypatch.setenv("FUSEDPREF_FROZEN", path)
         h, = leaves(h0)
-        logp, stats = fusedpref.LinearLogProbs.apply(h, w, y, b, -100, softcap, backend, True, scale)
+        logp, stats = fusedpref.LinearLogProbs.apply(h, w, y, b, -100, softcap, backend, True, scale, frozen=path)
         dh, = torch.autograd.grad(logp, (h,), g)
         got[path] = (logp, stats, dh)
-    assert calls == ["logprob_forward_frozen"], calls          # one-pass only when asked
+    assert calls == ["logprob_partials_frozen"], calls          # one-pass only when asked
     he, = leaves(h0)
     e = eager_logprobs(he, w, y, b, softcap=softcap, logit_scale=scale)
     e_dh, = torch.autograd.grad(e, (he,), g)
@@ -94,11 +93,15 @@ def test_an_entropy_gradient_on_the_frozen_path_is_exact(backend, monkeypatch):
     assert_within("dH", dh, e_dh, o_dh, torch.float32)
 
 
-def test_the_flag_is_checked(monkeypatch):
-    monkeypatch.setenv("FUSEDPREF_FROZEN", "fast")
+def test_the_keyword_is_checked():
     h, w, _, y = make_head((2, 3), 8, 20, torch.float32)
-    with pytest.raises(ValueError, match="FUSEDPREF_FROZEN must be one of"):
-        fusedpref.linear_logprobs(h.requires_grad_(), w, y)
+    with pytest.raises(ValueError, match="frozen must be one of"):
+        fusedpref.linear_logprobs(h.requires_grad_(), w, y, frozen="fast")
+    with pytest.raises(ValueError, match="frozen='one-pass' needs a frozen head"):
+        fusedpref.linear_logprobs(h, w.requires_grad_(), y, frozen="one-pass")
+    with pytest.raises(ValueError, match="frozen='one-pass' serves the log-probs and the forward KL"):
+        fusedpref.LinearDivergence.apply(h, w.detach(), h.detach(), w.detach(), y, None, None, -100, "auto", 0.5,
+                                         frozen="one-pass")
 
 
 # ---------------------------------------------------------------- EXPO's pass with a frozen policy head
@@ -115,13 +118,12 @@ def test_logprobs_kl_one_pass_with_a_frozen_policy_head(backend, dtype, head, mo
     calls = _spy(monkeypatch, backend)
     got = {}
     for path in ("one-pass", "standard"):
-        monkeypatch.setenv("FUSEDPREF_FROZEN", path)
         h, = leaves(h0)
         logp, ref_logp, kl, stats = fusedpref.LinearLogProbsKL.apply(h, w, rh, rw, y, b, rb, -100, softcap, backend,
-                                                                     True)
+                                                                     True, frozen=path)
         dh, = torch.autograd.grad((logp, kl), (h,), (g_lp, g_kl))
         got[path] = (logp, ref_logp, kl, dh)
-    assert calls == ["kl_forward_frozen"], calls
+    assert calls == ["kl_partials_frozen"], calls
 
     def eager(h, w, b, rh, rw, rb):
         return eager_logprobs(h, w, y, b, softcap=softcap), eager_kl(h, w, rh, rw, y, b, rb, softcap=softcap)
@@ -148,7 +150,7 @@ def test_divergences_other_than_the_forward_kl_take_the_standard_path(backend, m
     calls = _spy(monkeypatch, backend)
     for beta in (0.5, 1.0):
         h, = leaves(h0)
-        div = fusedpref.linear_divergence(h, w, rh, rw, y, beta=beta, backend=backend)
+        div = fusedpref.linear_divergence(h, w, rh, rw, y, mix=beta, backend=backend)
         dh, = torch.autograd.grad(div.sum(), (h,))
         he, = leaves(h0)
         e_dh, = torch.autograd.grad(eager_divergence(he, w, rh, rw, y, beta=beta).sum(), (he,))

@@ -11,7 +11,7 @@ vocabulary chunks:
 """
 import pytest
 import torch
-from conftest import DEVICE, assert_within
+from helpers import DEVICE, assert_within
 from helpers import leaves, make_head
 
 import fusedpref
@@ -148,7 +148,7 @@ def test_beta_zero_is_linear_kl(backend):
     h1, w1 = leaves(h0, w0)
     kl = fusedpref.linear_kl(h1, w1, rh, rw, y, backend=backend)
     h2, w2 = leaves(h0, w0)
-    div = fusedpref.linear_divergence(h2, w2, rh, rw, y, beta=0.0, backend=backend)
+    div = fusedpref.linear_divergence(h2, w2, rh, rw, y, mix=0.0, backend=backend)
     assert torch.equal(kl, div)
     g = torch.randn_like(kl)
     for a, b in zip(torch.autograd.grad(kl, (h1, w1), g), torch.autograd.grad(div, (h2, w2), g)):
@@ -173,6 +173,6 @@ def test_temperature_in_the_functional_forms():
     h, w, _, rh, rw, _, y = _two_heads(torch.float64, False)
     lp = fusedpref.linear_logprobs(h, w, y, softcap=5.0, logit_scale=1.5, temperature=0.6)
     torch.testing.assert_close(lp, eager_logprobs(h, w, y, softcap=5.0, logit_scale=2.5))
-    div = fusedpref.linear_divergence(h, w, rh.double(), rw.double(), y, beta=0.5, temperature=2.0)
+    div = fusedpref.linear_divergence(h, w, rh.double(), rw.double(), y, mix=0.5, temperature=2.0)
     torch.testing.assert_close(div, eager_divergence(h, w, rh.double(), rw.double(), y, beta=0.5, logit_scale=0.5,
                                                      ref_logit_scale=0.5))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fusedpref
-from conftest import DEVICE, assert_within
+from helpers import DEVICE, assert_within
 from fusedpref.reference import eager_kto_loss
 
 N, T, D, V = 5, 8, 16, 61

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fusedpref
-from conftest import DEVICE, assert_within
+from helpers import DEVICE, assert_within
 from fusedpref.reference import as_float64, eager_logprobs, eager_token_stats
 from helpers import leaves, make_head
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fusedpref
-from conftest import DEVICE, assert_within
+from helpers import DEVICE, assert_within
 from fusedpref.losses import LOSSES, Pairs
 from trl_reference import trl_loss
 

@@ -7,13 +7,14 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow   # peak-RSS probes in subprocesses
+
 N, D, V = 4096, 256, 32000
 PROBE = os.path.join(os.path.dirname(__file__), "memory_probe.py")
 
 
 def _raise_mb(mode):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", OMP_NUM_THREADS="2")
-    env.pop("FUSEDPREF_POISON", None)
     proc = subprocess.run([sys.executable, PROBE, mode, str(N), str(D), str(V)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

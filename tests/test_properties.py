@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedpref
-from conftest import DEVICE, assert_within
+from helpers import DEVICE, assert_within
 from fusedpref.losses import LOSSES
 from fusedpref.reference import as_float64, eager_kl, eager_kto_loss, eager_logprobs, eager_preference_loss
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedpref
-from conftest import DEVICE, assert_within
+from helpers import DEVICE, assert_within
 from fusedpref.losses import log1mexp
 from fusedpref.reference import as_float64, eager_kl, eager_logprobs, eager_preference_loss
 

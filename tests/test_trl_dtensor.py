@@ -8,6 +8,8 @@ import torch.distributed as dist
 from dist_helpers import run_ranks
 from helpers import optional
 
+pytestmark = pytest.mark.slow   # gloo ranks in subprocesses
+
 optional("trl")
 
 WORLD = 2

@@ -16,6 +16,8 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 import fusedpref  # noqa: E402
 import fusedpref.integrations.trl as fp_trl  # noqa: E402
 
+pytestmark = pytest.mark.slow   # TRL trainers
+
 
 @pytest.fixture
 def patched():

@@ -94,7 +94,7 @@ def test_every_output_and_both_gradients_match_trl(temperature, softcap, scale):
     """Every output TRL's head computes, with temperature, logit scale and soft-cap in TRL's order
     (no fallback), and the gradients of a loss on both the log-probs and the entropy: against the
     float64 oracle, within the suite's rule of TRL's own error (TRL's head as "eager")."""
-    from conftest import assert_within
+    from helpers import assert_within
 
     h0, w0, b0, y = _head()
     gen = torch.Generator().manual_seed(4)
@@ -152,7 +152,7 @@ def test_divergence_matches_trl(beta, heads):
     (rd, re, rg), (d, e, gr) = results
     assert not e.requires_grad
     # the float64 oracle, TRL's transform mapped to fusedpref's (cap c / |s|, scale s / T)
-    from conftest import assert_within
+    from helpers import assert_within
     from fusedpref.reference import eager_divergence, eager_token_stats
 
     t, s_scale, s_cap, t_scale, t_cap = opts

@@ -20,6 +20,8 @@ from trl.trainer.distillation_trainer import DistillationTrainer  # noqa: E402
 
 import fusedpref.integrations.trl as fp_trl  # noqa: E402
 
+pytestmark = pytest.mark.slow   # TRL trainers
+
 # wall-clock and throughput entries differ run to run
 UNTIMED = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second")
 
@@ -161,8 +163,8 @@ def test_lora_dpo_takes_the_one_pass_frozen_head_path(args, monkeypatch):
     from fusedpref import chunked
 
     calls = []
-    original = chunked.logprob_forward_frozen
-    monkeypatch.setattr(chunked, "logprob_forward_frozen", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = chunked.logprob_partials_frozen
+    monkeypatch.setattr(chunked, "logprob_partials_frozen", lambda *a, **k: calls.append(1) or original(*a, **k))
 
     def make():
         cfg = args(DPOConfig, per_device_train_batch_size=4)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .providers import STANDARD, TRAINABLE, errors, flop_count, is_expo, loss_fn, make_inputs, split_variant
+from .providers import TRAINABLE, errors, flop_count, is_expo, loss_fn, make_inputs, split_variant
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -140,8 +140,6 @@ def run_provider(provider, jobs, dtype, device, loss_type, beta, frozen, prompt_
 
 def _worker(spec):
     s = json.loads(spec)
-    if split_variant(s["provider"])[1] == STANDARD:      # this worker process only
-        os.environ["FUSEDPREF_FROZEN"] = "standard"
     device, dtype = torch.device(s["device"]), getattr(torch, s["dtype"])
     torch.manual_seed(0)
     # the error check at a small shape runs first: it also pays the provider's one-time costs

@@ -11,7 +11,7 @@ TRL_CHUNK = 32768   # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
 # the CPU default keeps the run under a minute on 2 cores; compile and liger run there too when
 # asked for (--providers)
 CPU_DEFAULT_PROVIDERS = ("eager", "fused-torch")
-# with --frozen each fused provider also runs as "<provider>:standard" (FUSEDPREF_FROZEN=standard,
+# with --frozen each fused provider also runs as "<provider>:standard" (frozen="standard",
 # the 6 N D V frozen path) and "<provider>:trainable" (the head requires grad), side by side
 STANDARD, TRAINABLE = "standard", "trainable"
 
@@ -112,7 +112,7 @@ def loss_fn(provider, loss_type, beta):
     """A callable (hidden, weight, targets, ref) -> scalar loss; ref as make_inputs returns it."""
     import fusedpref
 
-    provider = split_variant(provider)[0]
+    provider, variant = split_variant(provider)
     if provider == "eager":
         return lambda h, w, y, r: _eager_loss(h, w, y, r, loss_type, beta)
     if provider == "compile":
@@ -122,10 +122,12 @@ def loss_fn(provider, loss_type, beta):
         return lambda h, w, y, r: compiled(h, w, y, r, loss_type, beta)
     if provider in ("fused-torch", "fused-triton"):
         backend = provider.split("-")[1]
+        frozen = "standard" if variant == STANDARD else "auto"
 
         def fused(h, w, y, r):
             ref = dict(ref_hidden=r[0], ref_weight=r[1]) if isinstance(r, tuple) else dict(ref_logps=r)
-            return fusedpref.preference_loss(h, w, y, loss_type=loss_type, beta=beta, backend=backend, **ref)[0]
+            return fusedpref.preference_loss(h, w, y, loss_type=loss_type, beta=beta, backend=backend, frozen=frozen,
+                                             **ref)[0]
         return fused
     if provider == "trl":
         if is_expo(loss_type):

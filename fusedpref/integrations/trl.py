@@ -37,6 +37,7 @@ fusedpref.functions.set_weight_gather, so fusedpref's backward recompute gathers
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -51,13 +52,36 @@ from ..functions import LinearDivergence, LinearLogProbs
 logger = logging.getLogger("fusedpref.integrations.trl")
 
 _PATCHES: list = []          # (object, attribute, original) in the order they were applied
-_CAPTURE = None              # a list while the EXPO path collects the heads' inputs (see _capturing)
+
+
+class HeadCapture:
+    """Records the one call of TRL's fused head inside a model forward whose output is discarded
+    (the EXPO path reads the head's inputs from TRL's own forward instead of computing the head).
+    The head then returns NaN-filled outputs of the right shapes, never plausible numbers: any use
+    of that forward's result shows. Active only inside `_capturing()`; a second head call in one
+    capture raises."""
+
+    def __init__(self):
+        self.call = None
+
+    def record(self, outputs, **inputs):
+        if self.call is not None:
+            raise RuntimeError("fusedpref's EXPO path expected one call of TRL's fused LM head in the model's "
+                               "forward, saw two")
+        self.call = inputs
+        h = inputs["hidden"]
+        nan = h.new_full((h.shape[0],), float("nan"), dtype=torch.float32)
+        return (nan, *(nan if k in outputs else None for k in ("entropy", "log_sum_sq_probs", "mean_logits")),
+                torch.zeros(h.shape[0], dtype=torch.bool, device=h.device) if "is_top1" in outputs else None)
+
+
+_CAPTURE: contextvars.ContextVar = contextvars.ContextVar("fusedpref_trl_capture", default=None)
 
 
 def _full(t):
     """A DTensor gathered once (FSDP2: its gradient reduce-scattered and averaged, as FSDP2 reduces
-    every parameter's; fusedpref.distributed.gather), anything else unchanged."""
-    from ..distributed import gather
+    every parameter's; fusedpref._dtensor.gather), anything else unchanged."""
+    from .._dtensor import gather
 
     return gather(t)
 
@@ -82,14 +106,10 @@ class FusedLogProbHead:
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
               logit_scale=1.0, outputs=("log_probs",)):
         weight, bias = _full(weight), None if bias is None else _full(bias)
-        if _CAPTURE is not None:       # the EXPO path only wants the head's inputs
-            _CAPTURE.append(dict(hidden=hidden, weight=weight, bias=bias, targets=targets, temperature=temperature,
-                                 softcap=final_logit_softcapping, logit_scale=logit_scale))
-            n = hidden.shape[0]
-            zeros = hidden.new_zeros(n, dtype=torch.float32)
-            return (zeros, zeros if "entropy" in outputs else None, zeros if "log_sum_sq_probs" in outputs else None,
-                    zeros if "mean_logits" in outputs else None,
-                    torch.zeros(n, dtype=torch.bool, device=hidden.device) if "is_top1" in outputs else None)
+        capture = _CAPTURE.get()
+        if capture is not None:       # the EXPO path only wants the head's inputs (HeadCapture)
+            return capture.record(outputs, hidden=hidden, weight=weight, bias=bias, targets=targets,
+                                  temperature=temperature, softcap=final_logit_softcapping, logit_scale=logit_scale)
         cap, scale = _transform(logit_scale, final_logit_softcapping, temperature)
         want_stats = any(k in outputs for k in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
         logp, stats = LinearLogProbs.apply(hidden, weight, targets, bias, -100, cap, "auto", want_stats, scale)
@@ -116,7 +136,7 @@ class FusedDivergence:
         ref_cap, ref_scale = _transform(teacher_logit_scale, teacher_final_logit_softcapping, temperature,
                                         "teacher_logit_scale")
         rows = torch.zeros(student_hidden.shape[0], dtype=torch.long, device=student_hidden.device)
-        with functions._gathered(sw, sb, tw, tb):
+        with functions.gathered(sw, sb, tw, tb):
             div, stats = LinearDivergence.apply(student_hidden, sw, teacher_hidden, tw, rows, sb, tb, -100, "auto",
                                                 float(beta), cap, ref_cap, scale, ref_scale, True)
         return div, stats[:, 1].detach()
@@ -126,23 +146,24 @@ class FusedDivergence:
 
 @contextlib.contextmanager
 def _capturing():
-    """Within it, FusedLogProbHead records its inputs instead of computing (returns zeros)."""
-    global _CAPTURE
-    previous, _CAPTURE = _CAPTURE, []
+    """Within it, FusedLogProbHead records its inputs instead of computing (HeadCapture)."""
+    capture = HeadCapture()
+    token = _CAPTURE.set(capture)
     try:
-        yield _CAPTURE
+        yield capture
     finally:
-        _CAPTURE = previous
+        _CAPTURE.reset(token)
 
 
 def _head_inputs(model, model_kwargs, labels):
     """The hidden states [2B, T-1, D] of the head, its weight, bias and transform, from one forward
     of a model patched by TRL's add_fused_lm_head (its backbone and head as TRL calls them)."""
-    with _capturing() as calls:
-        model(**model_kwargs, labels=labels, fused_lm_head=True)
-    if len(calls) != 1:
-        raise RuntimeError(f"expected one call of TRL's fused LM head in the model's forward, saw {len(calls)}")
-    call = calls[0]
+    with _capturing() as capture:
+        model(**model_kwargs, labels=labels, fused_lm_head=True)     # its output is discarded
+    if capture.call is None:
+        raise RuntimeError("fusedpref's EXPO path expected one call of TRL's fused LM head in the model's forward, "
+                           "saw none")
+    call = capture.call
     mask = labels[:, 1:] != -100
     h = call["hidden"]
     if h.shape[0] == mask.numel():           # every position scored (TRL without Triton)
