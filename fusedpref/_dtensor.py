@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import sys
+
 import torch.distributed as dist
 
 def _placements(t):
@@ -15,11 +17,10 @@ def _placements(t):
 
 
 def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:     # pragma: no cover - torch without DTensor
-        return False
-    return isinstance(t, DTensor)
+    """A DTensor? (Without torch.distributed.tensor imported there can be none: not importing it
+    here keeps sympy out of eager use.)"""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def resolve(hidden, heads, process_group, names, hidden_name="hidden"):
@@ -34,11 +35,11 @@ def resolve(hidden, heads, process_group, names, hidden_name="hidden"):
     - anything else (other placements, meshes of more than one dimension) raises.
     heads: [(weight, bias) or None, ...] (policy, reference, ...); names: their argument names.
     """
-    from torch.distributed.tensor import Shard
-
     tensors = [t for pair in heads if pair is not None for t in pair if t is not None]
     if not _is_dtensor(hidden) and not any(_is_dtensor(t) for t in tensors):
         return hidden, heads, process_group
+    from torch.distributed.tensor import Shard
+
     mesh = None
     for pair, (wn, bn) in zip(heads, names):
         if pair is None:

@@ -31,7 +31,7 @@ from ._checks import range_error
 from ._partials import PLANES, ONE_HEAD, Partials, acc_dtype, empty_partials, expectation, finish_kl, \
     finish_logprob, target_direction
 from ._spec import Head, HeadCall, Needs
-from .distributed import VocabShard
+from .distributed import VocabShard, call_code
 
 N_STATS = 4   # columns of the statistics: sum of logits, entropy, argmax hit, log sum_v p^2
 
@@ -126,7 +126,7 @@ class Rows:
                 raise err
             return cls(call, targets, None, vocab)
         valid = int((targets != call.ignore_index).sum())
-        shard = VocabShard.gathered(call.group, vocab, head.h, targets, valid)
+        shard = VocabShard.gathered(call.group, call_code(call.op_args()), head.w, head.h, targets, valid)
         shard.check_range(targets, call.ignore_index)
         return cls(call, targets, shard, shard.vocab)
 
@@ -301,24 +301,58 @@ def _(grad_logp, grad_div, grad_stats, hidden, weight, bias, *rest):
             torch.empty_like(bias) if need_b else hidden.new_empty(0))
 
 
-# ---------------------------------------------------------------- FLOP accounting
+# ---------------------------------------------------------------- calling them
 
-def _count_inside(mode, func, types, args, kwargs):
-    """torch.utils.flop_counter.FlopCounterMode sees the matmuls inside the ops (it would see one
-    opaque call otherwise): the real implementation runs with the mode active."""
+def _eager() -> bool:
+    """Outside torch.compile / export tracing and with no TorchDispatchMode active (FlopCounterMode,
+    FakeTensorMode, ...), the ops' implementations run directly: a custom op's first call imports
+    torch._dynamo, torch._inductor and sympy (about 1.5 s and 100+ MB on a CPU), which eager use
+    should not pay. What the implementations compute is the same either way."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def run_forward(*args) -> HeadOut:
+    """head_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, *call.op_args())."""
+    if _eager():
+        with torch.no_grad():              # as inside a custom op: nothing here is recorded by autograd
+            return HeadOut(*head_fwd._init_fn(*args))
+    return HeadOut(*head_fwd(*args))
+
+
+def run_backward(*args):
+    """head_bwd(grads..., tensors..., saved..., needs..., *call.op_args()) -> (dH, dW, db)."""
+    if _eager():
+        with torch.no_grad():
+            return head_bwd._init_fn(*args)
+    return head_bwd(*args)
+
+
+# ---------------------------------------------------------------- accounting modes see inside the ops
+
+def _run_inside(mode, func, types, args, kwargs):
+    """The op's real implementation with the mode active (a TorchDispatchMode would otherwise see
+    one opaque call)."""
     with mode:
         return _IMPLS[func](*args, **kwargs)
 
 
-def _register_flop_counting():
-    from torch.utils import flop_counter
-
-    # FlopCounterMode pushes a private TorchDispatchMode (torch >= 2.5); older ones are the mode
-    mode = getattr(flop_counter, "_FlopCounterMode", flop_counter.FlopCounterMode)
+def see_inside(mode_type) -> None:
+    """Lets a TorchDispatchMode type see the aten ops inside fusedpref's custom ops (FLOP counting
+    below; the tests' peak-memory probe)."""
     for op in (head_fwd, head_bwd):
         _IMPLS[op._opoverload] = op._init_fn
-        op.register_torch_dispatch(mode, _count_inside)
+        op.register_torch_dispatch(mode_type, _run_inside)
 
 
 _IMPLS: dict = {}
+
+
+def _register_flop_counting():
+    """torch.utils.flop_counter.FlopCounterMode sees the matmuls inside the ops."""
+    from torch.utils import flop_counter
+
+    # FlopCounterMode pushes a private TorchDispatchMode (torch >= 2.5); older ones are the mode
+    see_inside(getattr(flop_counter, "_FlopCounterMode", flop_counter.FlopCounterMode))
+
+
 _register_flop_counting()

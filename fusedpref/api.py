@@ -10,6 +10,7 @@ options, which reference is given).
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Literal, Optional, Sequence, Union
 
@@ -21,7 +22,7 @@ from ._checks import BACKENDS, check_ignore_index, check_softcap
 from ._spec import Backend, FrozenMode
 from .functions import HeadTensors, Same, check_pair, make_call, ref_transform, run, transform
 from .functions import REF_NAMES
-from .losses import LOSSES, NLL_LOSSES, Pairs, check_loss_args
+from .losses import LOSSES, NLL_LOSSES, Pairs, check_loss_args, is_real
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
@@ -287,11 +288,11 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
 
 def _check_kto_options(beta, desirable_weight, undesirable_weight, average_log_prob):
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise ValueError(f"beta must be a positive float, got {beta!r}")
+    if not is_real(beta) or not math.isfinite(beta) or not beta > 0:
+        raise ValueError(f"beta must be a positive finite float, got {beta!r}")
     for name, value in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+        if not is_real(value) or not math.isfinite(value) or not value >= 0:
+            raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
     if not isinstance(average_log_prob, bool):
         raise TypeError(f"average_log_prob must be a bool, got {type(average_log_prob).__name__}")
 
@@ -370,6 +371,7 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
     else:
         z0 = logps.new_zeros(())
     logratio = logps - ref_seq
+    beta, desirable_weight, undesirable_weight = float(beta), float(desirable_weight), float(undesirable_weight)
     losses = torch.where(labels,
                          desirable_weight * (1 - torch.sigmoid(beta * (logratio - z0))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio))))

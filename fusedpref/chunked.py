@@ -1,9 +1,11 @@
 """The pure-PyTorch backend: the same verbs, contract and memory bound as the Triton one
 (fusedpref/ops.py), any device.
 
-It walks the vocabulary in chunks (one rows x chunk buffer of the compute dtype at a time, bounded
-by FUSEDPREF_CHUNK_MB) with an online log-sum-exp, and computes in fp32 throughout (float64 for
-float64 inputs, so that torch.autograd.gradcheck can be used). Every function takes compacted rows
+It walks the vocabulary in chunks with an online log-sum-exp, updating its chunk buffers in place,
+and computes in fp32 throughout (float64 for float64 inputs, so that torch.autograd.gradcheck can
+be used). Memory: every pass knows how many rows x chunk buffers it holds at once (`parts`) and
+sizes its chunk so that all of them together stay within the chunk budget (FUSEDPREF_CHUNK_MB;
+8 MiB on the CPU, 256 MiB on CUDA); tests/test_memory.py bounds the peak. Every function takes compacted rows
 (ignored targets removed) as `Head` bundles (fusedpref/_spec.py).
 
 Verbs (both backends): logprob_partials, logprob_partials_frozen, kl_partials,
@@ -18,16 +20,16 @@ import torch
 from . import config
 from ._chunks import vocab_chunk_cols, vocab_chunks
 from ._partials import Partials, acc_dtype, transform_grad
-from ._spec import Divergence, Head, Needs
+from ._spec import Divergence, Head, Needs, Transform
 
 
 def _cols(n, vocab, dtype, parts=1, cuda=False):
-    """Chunk columns for `parts` live rows x cols buffers of the compute dtype (default budget
-    8 MiB on the CPU, 256 MiB on CUDA, where small chunks would be many small matmuls)."""
+    """Chunk columns for `parts` live rows x cols buffers of the compute dtype within the budget
+    (default 8 MiB on the CPU, 256 MiB on CUDA, where small chunks would be many small matmuls)."""
     return max(1, vocab_chunk_cols(n, vocab, acc_dtype(dtype).itemsize, default_mb=256 if cuda else 8) // parts)
 
 
-def _chunks(head: Head, parts=1):
+def _chunks(head: Head, parts: int):
     return vocab_chunks(head.w.shape[0], _cols(head.h.shape[0], head.w.shape[0], head.h.dtype, parts,
                                                head.h.is_cuda))
 
@@ -39,7 +41,7 @@ def chunk_logits(head: Head, hf, v0, v1):
     if head.b is not None:
         z += head.b[v0:v1].to(hf.dtype)
     if head.xf.softcap is not None:
-        z = head.xf.softcap * torch.tanh(z / head.xf.softcap)
+        z.div_(head.xf.softcap).tanh_().mul_(head.xf.softcap)
     if head.xf.scale is not None:
         z *= head.xf.scale
     return z
@@ -80,8 +82,9 @@ class _OnlinePass:
             self.q = torch.zeros(n, **f)
 
     def add(self, z, v0, v1):
-        """Folds in the logits z of columns v0:v1 (overwritten with stats); returns the rescaling
-        factor of the running sum and this chunk's exp(z - new max)."""
+        """Folds in the logits z of columns v0:v1, overwriting z; returns the rescaling factor of
+        the running sum and this chunk's exp(z - new max) (z's buffer itself without stats: one
+        chunk buffer; with stats a second one)."""
         if self.with_stats:
             cmax, carg = z.max(dim=1)
         else:
@@ -91,12 +94,16 @@ class _OnlinePass:
         alpha = torch.exp(m - m_new)
         if self.y is not None:
             self.zy += _target_in_chunk(z, self.y, v0, v1)
-        p = z.sub(m_new[:, None]).exp_()                  # one chunk-sized temporary
         if self.with_stats:
             self.zsum += z.sum(1)
+        zm = z.sub_(m_new[:, None])
+        if not self.with_stats:
+            p = zm.exp_()
+        else:
+            p = zm.exp()                                  # the second chunk buffer
             # sum exp(z - m)(z - m): rescale to the new max (0 before the first chunk), add this chunk
             carried = torch.where(l > 0, m - m_new, 0.0) * l
-            self.pz = alpha * (self.pz + carried) + torch.einsum("ij,ij->i", p, z.sub_(m_new[:, None]))
+            self.pz = alpha * (self.pz + carried) + torch.einsum("ij,ij->i", p, zm)
             better = cmax > self.amax
             self.aidx = torch.where(better, carg + v0, self.aidx)
             self.amax = torch.where(better, cmax, self.amax)
@@ -118,7 +125,7 @@ def logprob_partials(pol: Head, y, with_stats: bool) -> Partials:
     targets outside [0, V) have no target logit (another shard's)."""
     hf = pol.h.to(acc_dtype(pol.h.dtype))
     run = _OnlinePass(pol.h.shape[0], pol.h.device, y, with_stats, hf.dtype)
-    for v0, v1 in _chunks(pol):
+    for v0, v1 in _chunks(pol, parts=2 if with_stats else 1):
         run.add(chunk_logits(pol, hf, v0, v1), v0, v1)
     return Partials(*run.planes())
 
@@ -130,18 +137,22 @@ def logprob_partials_frozen(pol: Head, y, with_stats: bool) -> Partials:
     hf = pol.h.to(acc_dtype(pol.h.dtype))
     run = _OnlinePass(n, pol.h.device, y, with_stats, hf.dtype)
     acc = torch.zeros((n, dd), dtype=hf.dtype, device=hf.device)
-    for v0, v1 in _chunks(pol):
+    # live: z (then p), the chain with a cap or scale, p apart with stats
+    for v0, v1 in _chunks(pol, parts=1 + (pol.xf != Transform()) + with_stats):
         z = chunk_logits(pol, hf, v0, v1)
         chain = transform_grad(z, pol.xf)                # before add: with stats it overwrites z
         alpha, p = run.add(z, v0, v1)
         if chain is not None:
             p = p.mul_(chain)
         acc = torch.addmm(acc.mul_(alpha[:, None]), p, pol.w[v0:v1].to(hf.dtype))   # (FlopCounterMode counts addmm)
+        del z, p, chain                          # before the next chunk's buffers exist
     return Partials(*run.planes(), acc)
 
 
 def _log_mixture(logp, logq, mix):
-    return torch.logaddexp(logp + math.log1p(-mix), logq + math.log(mix))
+    """log((1 - mix) p + mix q) in a new buffer (two while it is computed)."""
+    out = logp + math.log1p(-mix)
+    return torch.logaddexp(out, logq + math.log(mix), out=out)
 
 
 def _kl_sweep(pol: Head, ref: Head, y, with_stats, div: Divergence, frozen: bool):
@@ -157,11 +168,13 @@ def _kl_sweep(pol: Head, ref: Head, y, with_stats, div: Divergence, frozen: bool
     if frozen:   # the softmax-weighted sums of the policy's W rows under p and p_ref (forward KL only)
         acc_p = torch.zeros(pol.h.shape, device=hf.device, dtype=hf.dtype)
         acc_q = torch.zeros_like(acc_p)
-    for v0, v1 in _chunks(pol, parts=2):              # two heads' chunks live at once
+    # live: z, r, their difference, p apart with stats, the chain of a frozen head
+    for v0, v1 in _chunks(pol, parts=3 + with_stats + frozen):
         z, r = chunk_logits(pol, hf, v0, v1), chunk_logits(ref, rhf, v0, v1)
         if div == Divergence.JSD:
             r_run.add(r, v0, v1)
             p_run.add(z, v0, v1)
+            del z, r
             continue
         chain = transform_grad(z, pol.xf) if frozen else None    # before p_run.add overwrites z
         # KL(first || second) relative to both running maxes; move a to the new maxes (nothing
@@ -178,8 +191,9 @@ def _kl_sweep(pol: Head, ref: Head, y, with_stats, div: Divergence, frozen: bool
         a = alpha * (a + l1_old * shift) + torch.einsum("ij,ij->i", p1, diff)
         if frozen:
             wc = pol.w[v0:v1].to(hf.dtype)
-            acc_p = torch.addmm(acc_p.mul_(alpha_z[:, None]), p_z if chain is None else p_z * chain, wc)
-            acc_q = torch.addmm(acc_q.mul_(alpha_r[:, None]), p_r if chain is None else p_r * chain, wc)
+            acc_p = torch.addmm(acc_p.mul_(alpha_z[:, None]), p_z if chain is None else p_z.mul_(chain), wc)
+            acc_q = torch.addmm(acc_q.mul_(alpha_r[:, None]), p_r if chain is None else p_r.mul_(chain), wc)
+        del z, r, diff, p_r, p_z, p1, chain, x, u      # before the next chunk's buffers exist
     planes, arg = p_run.planes()
     if not with_stats:
         planes = torch.cat([planes, planes.new_zeros((4, planes.shape[1]))])
@@ -207,13 +221,16 @@ def jsd_sums(pol: Head, ref: Head, lse, rlse, mix: float):
     lse, rlse = lse.to(hf.dtype), rlse.to(hf.dtype)
     jsd = torch.zeros(hf.shape[0], device=hf.device, dtype=hf.dtype)
     kls = torch.zeros_like(jsd)
-    for v0, v1 in _chunks(pol, parts=2):
+    for v0, v1 in _chunks(pol, parts=5):         # live: lp, lq, lm, a difference, an exp
         lp = chunk_logits(pol, hf, v0, v1).sub_(lse[:, None])
         lq = chunk_logits(ref, rhf, v0, v1).sub_(rlse[:, None])
         lm = _log_mixture(lp, lq, mix)
-        kl_p = (lp.exp() * (lp - lm)).sum(1)
+        diff, e = torch.sub(lp, lm), lp.exp()
+        kl_p = torch.einsum("ij,ij->i", e, diff)                    # sum_v p (log p - log m)
+        kl_q = torch.einsum("ij,ij->i", torch.exp(lq, out=e), torch.sub(lq, lm, out=diff))
         kls += kl_p
-        jsd += mix * (lq.exp() * (lq - lm)).sum(1) + (1.0 - mix) * kl_p
+        jsd += mix * kl_q + (1.0 - mix) * kl_p
+        del lp, lq, lm, diff, e                  # before the next chunk's buffers exist
     return jsd, kls
 
 
@@ -249,27 +266,40 @@ def backward(call, pol: Head, ref: Head | None, y, saved, grads, needs: Needs, d
     elif g_lp is None:
         g_lp = torch.zeros_like(lse)
 
+    div = call.divergence if ref is not None else None
+    # log p is needed after p only by the statistics' gradient and the reverse KL / JSD terms
+    keep_logp = g_stats is not None or div in (Divergence.REVERSE_KL, Divergence.JSD)
+
     def chunk_dz(v0, v1):
+        """dz of columns v0:v1, built in place in the logits' buffers (live at once: the policy's
+        logits, the chain with a cap or scale, with a reference its logits, p apart from log p
+        where log p is still needed, the statistics' term)."""
         z = chunk_logits(pol, hf, v0, v1)
         chain = transform_grad(z, pol.xf)
-        logp = z.sub_(lse[:, None])                              # in place: z is not needed after
-        p = logp.exp()
+        logp = z.sub_(lse[:, None])
+        p = logp.exp() if keep_logp else logp.exp_()
+        extra = None if g_stats is None else stats_grad(p, logp, g_stats, stats)
         if ref is None:
-            dz = p * -g_lp[:, None]
-            _onehot_add(dz, y, g_lp, v0, v1)
+            dz = p.mul_(-g_lp[:, None])
         else:
             logq = chunk_logits(ref, rhf, v0, v1).sub_(rlse[:, None])
-            if call.divergence == Divergence.FORWARD_KL:
-                dz = (p - logq.exp_()).mul_(g[:, None])
-            elif call.divergence == Divergence.REVERSE_KL:
-                dz = p * (logp - logq - aux[:, None]) * g[:, None]
+            if div == Divergence.FORWARD_KL:       # g (p - q) - g_lp p = p (g - g_lp) - g q
+                scale = g if g_lp is None else g - g_lp
+                dz = p.mul_(scale[:, None]).sub_(logq.exp_().mul_(g[:, None]))
             else:
-                dz = p * (logp - _log_mixture(logp, logq, call.mix) - aux[:, None]) * ((1.0 - call.mix) * g)[:, None]
-            if g_lp is not None:
-                dz -= p * g_lp[:, None]
-                _onehot_add(dz, y, g_lp, v0, v1)
-        if g_stats is not None:
-            dz += stats_grad(p, logp, g_stats, stats)
+                if div == Divergence.REVERSE_KL:   # t = log p - log q - KL, in log q's buffer
+                    t = logq.neg_().add_(logp).sub_(aux[:, None])
+                    gd = g
+                else:                              # t = log p - log m - KL(p || m)
+                    t = _log_mixture(logp, logq, call.mix).neg_().add_(logp).sub_(aux[:, None])
+                    gd = (1.0 - call.mix) * g
+                dz = t.mul_(p).mul_(gd[:, None])
+                if g_lp is not None:
+                    dz.sub_(p.mul_(g_lp[:, None]))
+        if g_lp is not None:
+            _onehot_add(dz, y, g_lp, v0, v1)
+        if extra is not None:
+            dz += extra
         return dz if chain is None else dz.mul_(chain)
 
     n, d = hf.shape
@@ -277,12 +307,15 @@ def backward(call, pol: Head, ref: Head | None, y, saved, grads, needs: Needs, d
     dh = torch.zeros((n, d), dtype=dt, device=hf.device) if needs.h else None
     dw = config.empty((vocab, d), pol.w.dtype, pol.w.device) if needs.w else None
     db = config.empty((vocab,), dt, pol.w.device) if needs.b else None
-    for v0, v1 in _chunks(pol):
+    parts = 1 + (pol.xf != Transform()) + (ref is not None) + keep_logp + (g_stats is not None) + \
+        2 * (div == Divergence.JSD)              # (the log mixture: two while it is computed)
+    for v0, v1 in _chunks(pol, parts):
         dz = chunk_dz(v0, v1)
-        if needs.w:
+        if needs.w:        # (a chunk x D temporary; FlopCounterMode does not count mm's out= variant)
             dw[v0:v1] = dz.t() @ hf
         if needs.b:
-            db[v0:v1] = dz.sum(0)
-        if needs.h:
+            torch.sum(dz, 0, out=db[v0:v1])
+        if needs.h:        # (an N x D temporary; FlopCounterMode does not count in-place addmm_)
             dh += dz @ pol.w[v0:v1].to(dt)
+        del dz                                   # before the next chunk's buffers exist
     return (dh.to(dh_dtype or pol.h.dtype) if needs.h else None), dw, db

@@ -27,7 +27,6 @@ from torch import Tensor
 from . import _dtensor, _library
 from ._checks import (autocast_dtype, check_head, check_ignore_index, check_mix, check_scale, check_softcap,
                       check_targets, check_temperature, resolve_backend)
-from ._library import HeadOut
 from ._spec import FROZEN_MODES, Backend, Divergence, FrozenMode, HeadCall, Needs, Transform
 from .distributed import group_name
 
@@ -111,8 +110,7 @@ class HeadFunction(torch.autograd.Function):
         grad = ctx.needs_input_grad
         needs = Needs(grad[1], grad[2], bias is not None and grad[3])
         call = call.resolve_frozen(needs.h and not needs.w and not needs.b)
-        out = HeadOut(*_library.head_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
-                                         *call.op_args()))
+        out = _library.run_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, *call.op_args())
         ctx.call, ctx.needs = call, needs
         if any(needs):
             ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, out.lse, out.rlse,
@@ -131,8 +129,8 @@ class HeadFunction(torch.autograd.Function):
         # the one-pass frozen path reads no weight in backward; the recompute does (gathered)
         reads_weights = not (call.one_pass and grad_stats is None)
         with gathered(weight, bias, ref_weight, ref_bias) if reads_weights else contextlib.nullcontext():
-            dh, dw, db = _library.head_bwd(grad_logp, grad_div, grad_stats, hidden, weight, bias, ref_hidden,
-                                           ref_weight, ref_bias, targets, *saved, *needs, *call.op_args())
+            dh, dw, db = _library.run_backward(grad_logp, grad_div, grad_stats, hidden, weight, bias, ref_hidden,
+                                               ref_weight, ref_bias, targets, *saved, *needs, *call.op_args())
         dh, dw, db = _grads_out((dh if needs.h else None, dw if needs.w else None, db if needs.b else None),
                                 (hidden, weight, bias))
         return None, dh, dw, db, None, None, None, None
@@ -172,6 +170,11 @@ def run(call: HeadCall, targets: Tensor, policy: HeadTensors, ref: Optional[Head
     """One fused head call: the heads checked once (names: the policy head's argument names),
     autocast applied, the rows flattened, HeadFunction applied; results shaped like targets."""
     sharded = call.group is not None
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError("fusedpref's fused heads do not run under torch.func transforms (vmap, grad, jacrev, "
+                           "jvp, functional_call's grad, ...): their forward and backward are fused kernels with "
+                           "no batching or forward-mode rule. Call them outside the transform (batch the rows "
+                           "instead of vmap; use torch.autograd.grad / .backward() for gradients)")
     policy, ref = _autocast(policy, ref)
     check_head(*policy, names=names, allow_empty=sharded)
     y = check_targets(policy.hidden, targets, names=(names[0], "targets"))

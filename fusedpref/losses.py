@@ -8,6 +8,7 @@ fused kernel's per-token gradient. Formulas follow TRL (DPOTrainer, CPOTrainer, 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -68,15 +69,17 @@ class LossSpec:
     rewards: str          # how the logged rewards are formed: "ratio" | "sum" | "avg"
     smoothing: bool       # takes label_smoothing
     normalised: bool      # already length-normalises (average_log_prob would divide twice)
+    beta_zero: bool = False   # beta = 0 is a meaningful limit (EXPO's lambda -> 0; a loss that ignores beta)
 
 
 LOSSES: dict[str, LossSpec] = {}
 NLL_LOSSES = {"sft", "cpo", "orpo"}     # the losses with TRL's NLL term (Pairs.nll)
 
 
-def register(name, *, needs_ref=True, params=None, rewards="ratio", smoothing=False, normalised=False):
+def register(name, *, needs_ref=True, params=None, rewards="ratio", smoothing=False, normalised=False,
+             beta_zero=False):
     def deco(fn):
-        LOSSES[name] = LossSpec(fn, needs_ref, dict(params or {}), rewards, smoothing, normalised)
+        LOSSES[name] = LossSpec(fn, needs_ref, dict(params or {}), rewards, smoothing, normalised, beta_zero)
         return fn
     return deco
 
@@ -161,7 +164,7 @@ def discopop(p: Pairs):
     return -F.logsigmoid(x) * (1 - mod) + torch.exp(-x) * mod
 
 
-@register("sft", needs_ref=False)
+@register("sft", needs_ref=False, beta_zero=True)
 def sft(p: Pairs):
     return p.nll.expand_as(p.chosen)
 
@@ -211,10 +214,15 @@ def expo(p: Pairs):
     """softplus(-(log pi(y_w) - log pi(y_l)))  +  beta * KL(pi_ref || pi_theta).
 
     The supervised Bradley-Terry term uses the policy's own log-probabilities (no reference);
-    beta is the paper's lambda. The KL term per sequence is either the exact vocabulary KL summed
-    over its tokens (expo_kl="vocab") or the sample estimate log pi_ref(y) - log pi_theta(y)
-    (expo_kl="sequence", valid when y is drawn from the reference). It is averaged over the
-    sequences named by expo_kl_on; per pair, "both" contributes the mean of its two sequences.
+    beta is the paper's lambda (0: the pure Bradley-Terry limit). The KL term per sequence is either
+    the exact vocabulary KL summed over its tokens (expo_kl="vocab") or, with expo_kl="sequence",
+    k1(y) = log pi_ref(y) - log pi_theta(y) of the given response y (summed token log-probs). k1 is
+    an unbiased Monte-Carlo estimate of the sequence-level KL(pi_ref || pi_theta) only when y is a
+    sample of pi_ref(. | x): then E[k1] = KL and E[grad k1] = grad KL (0 at pi_theta = pi_ref). For
+    responses from elsewhere (preference data) it is no divergence: it can be negative, and at
+    pi_theta = pi_ref its gradient is -grad log pi_theta(y), a likelihood term pushing log pi_theta(y)
+    up. It is averaged over the sequences named by expo_kl_on; per pair, "both" contributes the mean
+    of its two sequences.
     """
     avg = p.params.get("average_log_prob", False)   # the supervised term only; the KL stays summed
     c, r = (p.chosen_avg, p.rejected_avg) if avg else (p.chosen, p.rejected)
@@ -228,12 +236,17 @@ def expo(p: Pairs):
     return sup + p.beta * kl
 
 
-LOSSES["expo"] = LossSpec(expo, True, dict(EXPO_PARAMS), "sum", False, False)
+LOSSES["expo"] = LossSpec(expo, True, dict(EXPO_PARAMS), "sum", False, False, beta_zero=True)
 LOSSES["typo"] = LOSSES["expo"]
 
 
+def is_real(value) -> bool:
+    """A real number: Python's or NumPy's int or float (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
 def _real(name, value, *, low=None, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite float, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
@@ -254,8 +267,12 @@ def check_loss_args(loss_types, loss_weights, label_smoothing, beta, extra: dict
         weights = [_real("loss_weights entry", w) for w in loss_weights]
         if len(weights) != len(types):
             raise ValueError(f"loss_weights has {len(weights)} entries but loss_type names {len(types)} losses")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0 or not math.isfinite(beta):
-        raise ValueError(f"beta must be a positive finite float, got {beta!r}")
+    zero_ok = all(LOSSES[t].beta_zero for t in types)
+    if not is_real(beta) or not math.isfinite(beta) or not (beta >= 0 if zero_ok else beta > 0):
+        if zero_ok:
+            raise ValueError(f"beta must be a finite float >= 0, got {beta!r}")
+        raise ValueError(f"beta must be a positive finite float, got {beta!r}"
+                         + (" (beta = 0 is allowed for expo/typo alone)" if beta == 0 else ""))
     label_smoothing = _real("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5], got {label_smoothing}")

@@ -82,8 +82,8 @@ def as_float64(*tensors):
 # loss type). It shares no code with fusedpref.losses, so tests and the benchmark's error
 # column compare two derivations.
 
-def _seq_logps(hidden, weight, bias, targets, ignore_index, softcap):
-    logits = eager_logits(hidden, weight, bias, softcap)
+def _seq_logps(hidden, weight, bias, targets, ignore_index, softcap, logit_scale=None):
+    logits = eager_logits(hidden, weight, bias, softcap, logit_scale)
     mask = targets != ignore_index
     labels = torch.where(mask, targets, torch.zeros_like(targets)).long()
     per_token = torch.gather(logits.log_softmax(-1), -1, labels.unsqueeze(-1)).squeeze(-1)
@@ -103,11 +103,14 @@ def eager_preference_loss(hidden, weight, targets, *, loss_type, beta, bias=None
                           ref_weight=None, ref_bias=None, ref_logps=None, ignore_index=-100, softcap=None,
                           label_smoothing=0.0, loss_weights=None, reduction="mean", average_log_prob=False,
                           nll_targets=None, discopop_tau=0.05, gamma=0.5, alpha=1.0, expo_kl="vocab",
-                          expo_kl_on="both"):
-    """(loss, metrics) of fusedpref.preference_loss, from full logits."""
+                          expo_kl_on="both", logit_scale=None, ref_softcap="same", ref_logit_scale="same"):
+    """(loss, metrics) of fusedpref.preference_loss, from full logits (logit_scale: the whole multiplier
+    after the cap; the reference head's cap and scale default to the policy's)."""
     import torch.nn.functional as F
 
-    logps, logits, mask = _seq_logps(hidden, weight, bias, targets, ignore_index, softcap)
+    ref_softcap = softcap if ref_softcap == "same" else ref_softcap
+    ref_logit_scale = logit_scale if ref_logit_scale == "same" else ref_logit_scale
+    logps, logits, mask = _seq_logps(hidden, weight, bias, targets, ignore_index, softcap, logit_scale)
     b = logps.shape[0] // 2
     n_tok = mask.sum(-1).to(logps.dtype)
     lens = n_tok.clamp(min=1)
@@ -115,7 +118,8 @@ def eager_preference_loss(hidden, weight, targets, *, loss_type, beta, bias=None
     ref_lp_tok = None
     if ref_hidden is not None:
         with torch.no_grad():
-            ref_logps, ref_logits, _ = _seq_logps(ref_hidden, ref_weight, ref_bias, targets, ignore_index, softcap)
+            ref_logps, ref_logits, _ = _seq_logps(ref_hidden, ref_weight, ref_bias, targets, ignore_index, ref_softcap,
+                                                  ref_logit_scale)
             ref_lp_tok = ref_logits.log_softmax(-1)
     c_sum, r_sum = logps[:b], logps[b:]
     lc, lr = lens[:b], lens[b:]
@@ -123,7 +127,7 @@ def eager_preference_loss(hidden, weight, targets, *, loss_type, beta, bias=None
         nll = -c_sum.sum() / n_tok[:b].sum().clamp(min=1)
     else:
         nt = nll_targets[:b]
-        nll_seq, _, nmask = _seq_logps(hidden[:b], weight, bias, nt, ignore_index, softcap)
+        nll_seq, _, nmask = _seq_logps(hidden[:b], weight, bias, nt, ignore_index, softcap, logit_scale)
         nll = -nll_seq.sum() / nmask.sum().clamp(min=1)
     avg = average_log_prob
     c, r = (c_sum / lc, r_sum / lr) if avg else (c_sum, r_sum)

@@ -186,6 +186,11 @@ def main(argv=None):
     p.add_argument("--frozen-path", choices=["one-pass", "standard"], default="one-pass",
                    help="with --frozen: the one-pass path (default) or the standard 6 N D V one")
     a = p.parse_args(argv)
+    for flag in ("n", "d", "v"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag} must be a whole number >= 1, got {getattr(a, flag)}")
+    if a.chunk_cols is not None and a.chunk_cols < 1:
+        p.error(f"--chunk-cols must be a whole number >= 1, got {a.chunk_cols}")
     rows, summary = model(a.n, a.d, a.v, a.dtype, a.gpu, chunk_cols=a.chunk_cols, frozen=a.frozen,
                           frozen_path=a.frozen_path)
     print_model(rows, summary, (a.n, a.d, a.v))

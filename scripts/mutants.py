@@ -106,6 +106,49 @@ MUTANTS = [
     Mutant("trl_cap_order", "fusedpref/integrations/trl.py", "cap = None if softcap is None else float(softcap) / abs(s)",
            "cap = None if softcap is None else float(softcap)",
            ("tests/test_trl_integration.py", "-k", "every_output")),
+    # reliability round 3: the classes of planted bugs the suite let through before
+    # (a) the grouped program order beyond one band (every kernel test ran <= 4 row blocks)
+    Mutant("grouped_band_offset", "kernels/schedule.py", "first_m = (pid // width) * GROUP_M",
+           "first_m = pid // width", ("tests/test_bands.py",)),
+    # (b) options only at defaults or in symmetric data
+    Mutant("rejected_length_swapped", "fusedpref/losses.py", "return self.rejected / self.rejected_len",
+           "return self.rejected / self.chosen_len", ("tests/test_losses.py", "-k", "torch and (simpo or average)")),
+    Mutant("nll_default_ignore_index", "fusedpref/api.py",
+           "return -tok.sum() / (nt != heads.ignore_index).sum().clamp(min=1).to(tok.dtype)",
+           "return -tok.sum() / (nt != -100).sum().clamp(min=1).to(tok.dtype)",
+           ("tests/test_losses.py", "-k", "nll and torch")),
+    Mutant("temperature_dropped", "fusedpref/functions.py",
+           "return Transform(cap, check_scale(s / check_temperature(temperature), names[1]))",
+           "return Transform(cap, check_scale(s, names[1]))", ("tests/test_losses.py", "-k", "temperature and torch")),
+    Mutant("reference_takes_the_policy_transform", "fusedpref/api.py",
+           'self.ref = ref_transform(opts["ref_softcap"]', 'self.ref = self.policy if True else ref_transform(opts["ref_softcap"]',
+           ("tests/test_losses.py", "-k", "ref_softcap and torch")),
+    Mutant("frozen_teacher_takes_the_student_transform", "fusedpref/ops.py",
+           "mr_new = torch.maximum(mr_run, _chunk_logits(ref, r_buf, v0, v1))",
+           "mr_new = torch.maximum(mr_run, _chunk_logits(ref._replace(xf=pol.xf), r_buf, v0, v1))",
+           ("tests/test_frozen.py", "-k", "teacher and triton")),
+    Mutant("target_id_zero_not_owned", "fusedpref/_partials.py", "own = (y >= 0) & (y < w.shape[0])",
+           "own = (y > 0) & (y < w.shape[0])", ("tests/test_frozen.py", "-k", "target_id_zero and torch")),
+    # (c) distributed edge cases
+    Mutant("empty_shard_argmax_zero", "fusedpref/_partials.py", '        part[PLANES["amax"]] = float("-inf")',
+           '        part[PLANES["amax"]] = 0.0', ("tests/test_distributed.py", "-k", "edges and torch")),
+    Mutant("unreduced_dh_reduced_anyway", "fusedpref/_library.py",
+           "if needs.h and sharded and call.reduce_hidden_grad and rows.count:",
+           "if needs.h and sharded and rows.count:", ("tests/test_distributed.py", "-k", "edges and torch")),
+    Mutant("ranks_dtype_unchecked", "fusedpref/distributed.py", "        if len({row[6] for row in every}) != 1:",
+           "        if False:", ("tests/test_distributed.py", "-k", "disagree and dtype")),
+    # (d) TRL branches the CPU does not take by default
+    Mutant("trl_compacted_rows_shifted", "fusedpref/integrations/trl.py", "mask = labels[:, 1:] != -100",
+           "mask = labels[:, :-1] != -100", ("tests/test_trl_expo.py", "-k", "compacted")),
+    Mutant("trl_zero3_gather_unregistered", "fusedpref/integrations/trl.py",
+           "functions.set_weight_gather(maybe_gather_lm_head_ctx)", "functions.set_weight_gather(None)",
+           ("tests/test_trl_integration.py", "-k", "zero3")),
+    Mutant("trl_expo_logit_scale_dropped", "fusedpref/integrations/trl.py", "softcap=cap, logit_scale=scale, **ref",
+           "softcap=cap, **ref", ("tests/test_trl_expo.py", "-k", "logit_scale")),
+    # (e) memory: the torch backend's chunk buffers
+    Mutant("torch_backward_keeps_the_last_chunk", "fusedpref/chunked.py",
+           "        del dz                                   # before the next chunk's buffers exist",
+           "        pass", ("tests/test_chunk_memory.py", "-k", "sigmoid and trainable and not ref")),
 ]
 
 

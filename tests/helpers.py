@@ -50,6 +50,55 @@ def poison():
     config.empty = poisoned_empty
 
 
+class PeakMemory(torch.utils._python_dispatch.TorchDispatchMode):
+    """The peak bytes of the tensor storages that aten ops allocate while active and that are still
+    alive (freed storages leave the count: they are weakly referenced), inside fusedpref's custom
+    ops too (fusedpref._library.see_inside). `transient` is the peak above what is still alive at
+    the end (for a training step: above the gradients it leaves). Storages an op returns that
+    share an input's (views, in-place results) are not new allocations and are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        from fusedpref import _library
+
+        _library.see_inside(PeakMemory)
+        self.live, self.now, self.peak, self.at_peak = {}, 0, 0, []
+
+    def _new(self, t, inputs):
+        import weakref
+
+        st = t.untyped_storage()
+        key, n = st.data_ptr(), st.nbytes()
+        if not n or key in self.live or key in inputs:
+            return
+        self.now += n
+
+        def gone(_, key=key, n=n):
+            if self.live.pop(key, None) is not None:
+                self.now -= n
+        self.live[key] = (weakref.ref(st, gone), self._op, tuple(t.shape))
+        if self.now > self.peak:
+            self.peak = self.now
+            self.at_peak = [(op, shape) for _, op, shape in self.live.values()]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = torch.utils._pytree.tree_flatten((args, kwargs or {}))[0]
+        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        self._op = str(func)
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._new(t, inputs)
+        return out
+
+    @property
+    def transient(self):
+        import gc
+
+        gc.collect()
+        return self.peak - self.now
+
+
 def make_head(n_shape, d, v, dtype, *, bias=False, ignore_frac=0.2, seed=0, scale=1.0,
               ignore_index=-100, device=DEVICE):
     """hidden [*n_shape, d], weight [v, d], bias [v] or None, targets [*n_shape] (fraction ignored)."""

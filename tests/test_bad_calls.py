@@ -35,6 +35,24 @@ CASES = {
     "logit-scale-zero": (lambda: lp(H, W, Y, logit_scale=0.0), ValueError, ["logit_scale", "finite nonzero"]),
     "logit-scale-str": (lambda: lp(H, W, Y, logit_scale="2"), TypeError, ["logit_scale", "float"]),
     "temperature-zero": (lambda: lp(H, W, Y, temperature=0.0), ValueError, ["temperature", "positive"]),
+    # a negative temperature, everywhere one is taken
+    "temperature-negative": (lambda: lp(H, W, Y, temperature=-1.0), ValueError, ["temperature", "positive"]),
+    "kl-temperature-negative": (lambda: kl(H, W, H, W, Y, temperature=-0.5), ValueError, ["temperature"]),
+    "lpkl-temperature-negative": (lambda: lpkl(H, W, H, W, Y, temperature=-2.0), ValueError, ["temperature"]),
+    "divergence-temperature-negative": (lambda: fusedpref.linear_divergence(H, W, H, W, Y, temperature=-1.0),
+                                        ValueError, ["temperature"]),
+    "loss-temperature-negative": (lambda: pl(H, W, Y, ref_logps=R, temperature=-1.0), ValueError,
+                                  ["temperature", "positive"]),
+    "kto-temperature-negative": (lambda: kto(H, W, Y, LAB, ref_logps=R, temperature=-1.0), ValueError,
+                                 ["temperature"]),
+    "reference-temperature-negative": (lambda: fusedpref.reference_logps(H, W, Y, temperature=-1.0), ValueError,
+                                       ["temperature"]),
+    "module-temperature-negative": (lambda: fusedpref.FusedLinearPreferenceLoss(temperature=-1.0), ValueError,
+                                    ["temperature"]),
+    "loss-ref-softcap": (lambda: pl(H, W, Y, ref_hidden=H, ref_weight=W, ref_softcap=-1.0), ValueError,
+                         ["ref_softcap", "positive"]),
+    "loss-ref-logit-scale": (lambda: pl(H, W, Y, ref_hidden=H, ref_weight=W, ref_logit_scale=0.0), ValueError,
+                             ["ref_logit_scale", "finite nonzero"]),
     "divergence-mix": (lambda: fusedpref.linear_divergence(H, W, H, W, Y, mix=1.5), ValueError,
                        ["mix must lie in [0, 1]", "JSD"]),
     "divergence-mix-str": (lambda: fusedpref.linear_divergence(H, W, H, W, Y, mix="x"), TypeError,
@@ -141,7 +159,7 @@ CASES = {
                           ValueError, ["runs the reference head"]),
     "kto-beta": (lambda: kto(H, W, Y, LAB, ref_logps=R, beta=0), ValueError, ["beta"]),
     "kto-weight": (lambda: kto(H, W, Y, LAB, ref_logps=R, desirable_weight=-1.0), ValueError,
-                   ["desirable_weight must be a float >= 0"]),
+                   ["desirable_weight must be a finite float >= 0"]),
     "kto-reduction": (lambda: kto(H, W, Y, LAB, ref_logps=R, reduction="x"), ValueError, ["reduction"]),
     "kto-2d": (lambda: kto(H[0], W, Y[0], LAB, ref_logps=R), ValueError, ["[N, T, D]"]),
     # the module: checked at construction
@@ -189,6 +207,8 @@ TRL_CASES = {
                               ("log_probs",)), ValueError, ["logit_scale=0"]),
     "trl-temperature": ((torch.randn(5, D), W, None, torch.zeros(5, dtype=torch.long), 0.0, 64, None, 1.0,
                          ("log_probs",)), ValueError, ["temperature", "positive"]),
+    "trl-temperature-negative": ((torch.randn(5, D), W, None, torch.zeros(5, dtype=torch.long), -1.0, 64, None, 1.0,
+                                  ("log_probs",)), ValueError, ["temperature", "positive"]),
 }
 
 
@@ -214,6 +234,16 @@ CLI_CASES = {
     "cli-dtype": (["bench", "--dtype", "float8"], "invalid choice: 'float8'"),
     "cli-int": (["bench", "--pairs", "two"], "invalid int value: 'two'"),
     "cli-command": (["nope"], "unknown command 'nope'"),
+    "cli-v-zero": (["bench", "--v", "0"], "--v must be a whole number >= 1, got 0"),
+    "cli-d-zero": (["bench", "--d", "0"], "--d must be a whole number >= 1"),
+    "cli-seq-negative": (["bench", "--seq", "-1"], "--seq must be a whole number >= 1, got -1"),
+    "cli-repeats-zero": (["bench", "--repeats", "0"], "--repeats must be a whole number >= 1"),
+    "cli-prompt-frac": (["bench", "--prompt-frac", "1.5"], "--prompt-frac must lie in [0, 1)"),
+    "cli-no-completion": (["bench", "--seq", "2", "--prompt-frac", "0.9"], "leaves no completion token"),
+    "cli-timeout": (["bench", "--timeout", "0"], "--timeout and --budget must be positive"),
+    "cli-roofline-zero": (["roofline", "--n", "0"], "--n must be a whole number >= 1, got 0"),
+    "cli-roofline-negative": (["roofline", "--v", "-5"], "--v must be a whole number >= 1, got -5"),
+    "cli-roofline-chunk": (["roofline", "--chunk-cols", "0"], "--chunk-cols must be a whole number >= 1"),
 }
 
 

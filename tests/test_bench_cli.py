@@ -37,12 +37,12 @@ def test_cli_usage_and_unknown_command():
     assert proc.returncode == 2 and "unknown command" in proc.stderr
 
 
-def _bench(tmp_path, *args, timeout=300):
+def _bench(tmp_path, *args, timeout=300, status=0):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
     cmd = [sys.executable, "-m", "fusedpref.cli", "bench", "--pairs", "1", "--seq", "32", "--d", "32",
            "--v", "1000", "--repeats", "1", "--no-sweep", "--dtype", "float32", "--out", str(tmp_path), "--tag", "t", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == status, (proc.returncode, proc.stderr[-3000:])
     return {r["provider"]: r for r in csv.DictReader(open(tmp_path / "bench-t.csv"))}, proc.stdout
 
 
@@ -58,19 +58,21 @@ def test_liger_provider_matches_the_float64_reference(tmp_path):
 
 def test_a_failing_provider_is_reported_and_the_others_run(tmp_path):
     optional("liger_kernel.chunked_loss")
-    rows, out = _bench(tmp_path, "--providers", "eager,liger", "--loss-type", "ipo")
+    rows, out = _bench(tmp_path, "--providers", "eager,liger", "--loss-type", "ipo", status=1)
     assert rows["eager"]["status"] == "ok"
     assert rows["liger"]["status"].startswith("error: ValueError") and "sigmoid" in rows["liger"]["status"]
-    assert "| liger |" in out
+    assert "| liger |" in out and "# failed: liger" in out
+    rows, out = _bench(tmp_path, "--providers", "eager,liger", "--loss-type", "ipo", "--keep-going", status=0)
+    assert rows["liger"]["status"].startswith("error: ValueError")
 
 
 def test_a_provider_past_its_timeout_is_stopped(tmp_path):
-    rows, out = _bench(tmp_path, "--providers", "eager", "--timeout", "0.5")
+    rows, out = _bench(tmp_path, "--providers", "eager", "--timeout", "0.5", status=1)
     assert rows["eager"]["status"] == "timeout"
 
 
 def test_a_spent_budget_skips_the_remaining_providers(tmp_path):
-    rows, out = _bench(tmp_path, "--providers", "eager,fused-torch", "--budget", "3")
+    rows, out = _bench(tmp_path, "--providers", "eager,fused-torch", "--budget", "3", status=1)
     assert all(r["status"] in ("timeout", "skipped: --budget spent") for r in rows.values()), rows
     assert "| fused-torch |" in out
 

@@ -269,6 +269,73 @@ def test_vocab_parallel_losses_equal_the_single_process_loss(world, backend):
     run_ranks(_ranks_losses, world, backend)
 
 
+def _ranks_edges(rank, world, backend):
+    """Edge cases of the merge: a row whose every logit is negative beside an empty shard (the argmax
+    and the hit statistic must come from a shard that holds columns), and a frozen head with
+    reduce_hidden_grad=False (each rank's dH is its shard's share; the shares sum to the reduced dH)."""
+    import fusedpref
+
+    os.environ["FUSEDPREF_CHUNK_COLS"] = "8"
+    h, w, b, rh, rw, rb, y = _problem()
+    b = b - 50.0                                            # every logit < 0
+    top = (h @ w.t() + b).argmax(-1)
+    y = torch.where(y == -100, y, top)                      # every valid target is the argmax: hit = 1
+    _compare(logprobs_stats, logprobs_stats_oracle, (h, w, b, rh, rw, rb, y), rank, world, backend)
+    sizes = _sizes(world, 37)
+    lo, hi = _span(sizes, rank)
+    for fn in (lambda hh, ww, rs: fusedpref.linear_logprobs(hh, ww, y, backend=backend, process_group=dist.group.WORLD,
+                                                            reduce_hidden_grad=rs),
+               lambda hh, ww, rs: fusedpref.linear_logprobs_kl(hh, ww, rh, rw[lo:hi], y, backend=backend,
+                                                               process_group=dist.group.WORLD,
+                                                               reduce_hidden_grad=rs)[2]):
+        grads = []
+        for reduce in (True, False):
+            hh = _leaf(h)
+            out = fn(hh, w[lo:hi].detach(), reduce)            # a frozen head: the one-pass path
+            grads.append(torch.autograd.grad((out * torch.arange(out.numel()).view(out.shape)).sum(), hh)[0])
+        part = grads[1].clone()
+        dist.all_reduce(part)
+        torch.testing.assert_close(part, grads[0], rtol=1e-5, atol=1e-6)
+        assert world == 1 or not torch.allclose(grads[1], grads[0]), "reduce_hidden_grad=False reduced anyway"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vocab_parallel_edges_empty_shard_negative_logits_and_unreduced_frozen_dh(backend):
+    run_ranks(_ranks_edges, 3, backend)
+
+
+def _ranks_disagree(rank, world, case):
+    """Ranks that disagree raise the same clear error on every rank (no crash, no hang), and the group
+    still works afterwards."""
+    import fusedpref
+
+    h, w, b, rh, rw, rb, y = _problem()
+    lo, hi = _span(_sizes(world, 37), rank)
+    group = dist.group.WORLD
+
+    def lp(hh, ww):
+        return fusedpref.linear_logprobs(hh, ww, y, backend="torch", process_group=group)
+
+    if case == "dtype":
+        dt = torch.float64 if rank == 1 else torch.float32
+        call, words = (lambda: lp(h.to(dt), w[lo:hi].to(dt))), "different dtypes"
+    elif case == "call":
+        call = (lambda: lp(h, w[lo:hi])) if rank == 0 else \
+            (lambda: fusedpref.linear_kl(h, w[lo:hi], rh, rw[lo:hi], y, backend="torch", process_group=group))
+        words = "different fused head calls"
+    else:
+        call, words = (lambda: lp(h, w)), "holds the same weight rows"
+    with pytest.raises(ValueError, match=words):
+        call()
+    got = lp(h, w[lo:hi])                                     # the group is still usable
+    torch.testing.assert_close(got, fusedpref.linear_logprobs(h, w, y, backend="torch"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["dtype", "call", "full-head"])
+def test_ranks_that_disagree_raise_on_every_rank(case):
+    run_ranks(_ranks_disagree, 2, case)
+
+
 # ------------------------------------------------------------------ what crosses ranks, what is allocated
 
 _COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
@@ -349,10 +416,10 @@ def _ranks_traffic(rank, world, backend):
             sent[v] = traffic.calls
             nv = int((y != -100).sum())
             calls = 1 if loss_type == "expo" else 2       # EXPO: one two-head pass; sigmoid: policy + reference
-            # per call 5 int64 (layout and consistency), then the partial planes in fp32 (EXPO: 11 planes +
+            # per call 8 int64 (layout and consistency), then the partial planes in fp32 (EXPO: 11 planes +
             # the argmax id; sigmoid: 7 + id for the policy, 3 for the reference), and backward the fp32
             # all_reduce of dH over the valid rows (the metrics' global V comes with the layout)
-            expected = calls * 40 + 4 * planes * nv + 4 * nv * d
+            expected = calls * 64 + 4 * planes * nv + 4 * nv * d
             assert traffic.bytes == expected, (loss_type, v, traffic.calls, expected)
             n_rows = y.numel()
             # (at V = 37 the gathered planes [world x 12, Nv] are as large as a shard's logits would be)

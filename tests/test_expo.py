@@ -117,3 +117,27 @@ def test_toy_identity(backend):
     lp, lr = theta[:, 0].log_softmax(0), ref[:, 0].log_softmax(0)
     official = F.softplus(-(lp[y_w] - lp[y_l])) + lam * (lr.exp() * (lr - lp)).sum()
     assert abs(loss.item() - official.item()) < 1e-6
+
+
+def test_the_sequence_estimator_is_the_kl_only_for_samples_of_the_reference():
+    """expo_kl="sequence" is k1(y) = log pi_ref(y) - log pi_theta(y) of the given responses (README):
+    over responses sampled from pi_ref its mean is KL(pi_ref || pi_theta); over responses from
+    elsewhere it is no divergence (here negative)."""
+    v, pairs = 5, 20000
+    g = torch.Generator().manual_seed(0)
+    theta, theta_ref = torch.randn(v, 1, generator=g), torch.randn(v, 1, generator=g)
+    log_ref = torch.log_softmax(theta_ref[:, 0], 0)
+    exact = (log_ref.exp() * (log_ref - torch.log_softmax(theta[:, 0], 0))).sum()
+    hidden = torch.ones(2 * pairs, 1, 1)
+
+    def kl_term(y):
+        kw = dict(loss_type="expo", expo_kl="sequence", ref_logps=log_ref[y[:, 0]], reduction="none", backend="torch")
+        with_kl, _ = fusedpref.preference_loss(hidden, theta, y, beta=1.0, **kw)
+        without, _ = fusedpref.preference_loss(hidden, theta, y, beta=0.0, **kw)
+        return with_kl - without                            # per pair: (k1(y_w) + k1(y_l)) / 2
+
+    sampled = torch.multinomial(log_ref.exp(), 2 * pairs, replacement=True, generator=g)[:, None]
+    est = kl_term(sampled)
+    assert abs(est.mean() - exact) < 4 * est.std() / pairs ** 0.5 + 1e-6, (est.mean(), exact)
+    best = torch.log_softmax(theta[:, 0], 0).argmax().expand(2 * pairs)[:, None]   # the policy's own favourite
+    assert kl_term(best).mean() < 0 < exact

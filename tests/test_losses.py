@@ -19,10 +19,12 @@ def _batch(seed=0):
     w = torch.randn(V, D, generator=g) * 0.4
     bias = torch.randn(V, generator=g) * 0.3
     y = torch.randint(0, V, (2 * B, T), generator=g)
-    # different prompt lengths (ignored at the start) and padding (ignored at the end): ~30%
+    # different prompt lengths (ignored at the start) and padding (ignored at the end): ~30%; the
+    # rejected rows 2 tokens shorter than their chosen ones (completion lengths 8, 5, 5 vs 6, 3, 3), so
+    # that a length-normalised loss that swaps them shows
     for i in range(2 * B):
         start = 1 + i % 3
-        end = T - (i * 2) % 3
+        end = T - (i * 2) % 3 - (2 if i >= B else 0)
         y[i, :start] = -100
         y[i, end:] = -100
     ref_h = h + 0.3 * torch.randn(2 * B, T, D, generator=g)
@@ -55,11 +57,19 @@ def _compare(backend, loss_type, *, reduction="mean", seed=0, targets_dtype=torc
         nt[:, -1] = ignore_index
         extra["nll_targets"] = nt
 
+    # the oracle takes the whole multiplier after the cap: a temperature T is logit_scale 1 / T
+    oracle_kw = dict(kw)
+    if "temperature" in oracle_kw:
+        oracle_kw["logit_scale"] = oracle_kw.get("logit_scale", 1.0) / oracle_kw.pop("temperature")
+        for ref_key in ("ref_logit_scale",):
+            if ref_key in oracle_kw:
+                oracle_kw[ref_key] = oracle_kw[ref_key] / kw["temperature"]
+
     def run(fn, dtype):
         h, w, b = (t.detach().to(dtype).requires_grad_() for t in (h0, w0, b0))
         refs = {k: v.to(dtype) for k, v in g_ref.items()}
         loss, metrics = fn(h, w, y, loss_type=loss_type, beta=0.7, bias=b, softcap=5.0, reduction=reduction,
-                           ignore_index=ignore_index, **refs, **extra, **kw)
+                           ignore_index=ignore_index, **refs, **extra, **(kw if fn is not trl_loss else oracle_kw))
         g = torch.linspace(-1, 1, loss.numel(), dtype=dtype, device=DEVICE).view(loss.shape) + 1.5
         grads = torch.autograd.grad(loss, (h, w, b), g)   # a non-uniform upstream gradient for "none"
         return loss, metrics, grads
@@ -108,6 +118,11 @@ PARAM_CASES = [
     ("cpo", {"nll": True}),
     ("sft", {"nll": True}),
     ("sigmoid", {"ignore_index": 0}),             # a custom ignore_index (0 is also a vocabulary id)
+    ("orpo", {"nll": True, "ignore_index": -1}),  # nll_targets with a custom ignore_index
+    ("sigmoid", {"temperature": 0.7}),            # the transform options of the losses
+    ("simpo", {"temperature": 1.6, "gamma": 0.8}),
+    ("ipo", {"logit_scale": 0.8, "ref_softcap": 3.0, "ref_logit_scale": 1.25}),
+    ("sigmoid_norm", {"temperature": 0.9, "ref_softcap": None}),
     ("ipo", {"targets_dtype": torch.int32}),
     ("simpo", {"targets_dtype": torch.int16}),
 ]
@@ -151,7 +166,8 @@ def test_precomputed_and_fused_reference_agree(backend):
     assert ref.grad_fn is None and not ref.requires_grad and ref.shape == (2 * B,)
     hp = h.clone().requires_grad_()
     l1, m1 = fusedpref.preference_loss(hp, w, y, ref_hidden=rh, ref_weight=rw, softcap=5.0, backend=backend)
-    l2, m2 = fusedpref.preference_loss(h, w, y, ref_logps=ref, softcap=5.0, backend=backend)
+    l2, m2 = fusedpref.preference_loss(h.clone().requires_grad_(), w, y, ref_logps=ref, softcap=5.0,
+                                       backend=backend)    # (the same policy path: a frozen head's one-pass)
     torch.testing.assert_close(l1, l2, rtol=0, atol=0)
     for k in m1:
         torch.testing.assert_close(m1[k], m2[k], rtol=0, atol=0)

@@ -1,8 +1,8 @@
 """EXPO (loss_type="expo") through TRL's own DPOTrainer after patch_trl(): the exact vocabulary
 KL(pi_ref || pi_theta) from the policy's and the reference's last hidden states (one pass over
-both heads), a reference model or the LoRA policy with adapters disabled, and the sequence
-estimator when the reference log-probs are precomputed. CPU, tiny random models, offline."""
-import logging
+both heads), a reference model or the LoRA policy with adapters disabled, a clear error when the
+reference log-probs are precomputed, logit-scaled models, TRL's compacted rows. CPU, tiny random
+models, offline."""
 
 import pytest
 import torch
@@ -95,16 +95,57 @@ def test_a_lora_policy_whose_reference_is_the_base_model(patched, tmp_path):
     assert rows[0]["kl/chosen"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_precomputed_reference_log_probs_use_the_sequence_estimator(patched, tmp_path, caplog):
-    trainer = DPOTrainer(model=T.model(), ref_model=T.model(seed=1),
-                         args=_config(tmp_path, precompute_ref_log_probs=True, max_steps=3),
+def test_precomputed_reference_log_probs_are_a_clear_error_when_the_trainer_is_built(patched, tmp_path):
+    """No silent change of objective: the exact KL needs the reference's hidden states."""
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=True.*Set precompute_ref_log_probs=False"):
+        DPOTrainer(model=T.model(), ref_model=T.model(seed=1),
+                   args=_config(tmp_path, precompute_ref_log_probs=True, max_steps=3),
+                   train_dataset=T.preference_data(), processing_class=T.tokenizer())
+
+
+def test_a_model_with_a_logit_scale_and_a_soft_cap(patched, tmp_path):
+    """TRL's softcap(s (h W^T)) with s = 0.5 and cap 3 on both models: the trainer's EXPO loss equals
+    the float64 oracle with the converted transforms (cap c / |s|, scale s), and 2 steps run (before:
+    NotImplementedError for any logit scale)."""
+    policy, reference = T.model(), T.model(seed=1)
+    for m in (policy, reference):
+        m.config.logit_scale, m.config.final_logit_softcapping = 0.5, 3.0
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=_config(tmp_path),
                          train_dataset=T.preference_data(), processing_class=T.tokenizer())
-    with caplog.at_level(logging.WARNING, logger="fusedpref.integrations.trl"):
-        trainer.train()
-    said = [r for r in caplog.records if "sequence estimator" in r.getMessage()]
-    assert len(said) == 1
-    rows = [r for r in trainer.state.log_history if "loss" in r]
-    assert len(rows) == 3 and "kl/chosen" not in rows[0]
+    inputs = _batch(trainer)
+    loss_trainer = trainer.compute_loss(trainer.model, inputs)
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    with torch.no_grad():
+        ref_h = _hidden(trainer.ref_model, inputs)
+    from fusedpref import reference as R
+
+    want, _ = R.eager_preference_loss(_hidden(trainer.model, inputs).double(), trainer.model.lm_head.weight.double(),
+                                      labels, loss_type="expo", beta=0.5, ref_hidden=ref_h.double(),
+                                      ref_weight=trainer.ref_model.lm_head.weight.double(), softcap=3.0 / 0.5,
+                                      logit_scale=0.5)
+    torch.testing.assert_close(loss_trainer.double(), want, rtol=1e-5, atol=1e-6)
+    trainer.train()
+    assert [r for r in trainer.state.log_history if "loss" in r][-1]["kl/chosen"] >= 0
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["every-row", "compacted-rows"])
+def test_the_compacted_rows_branch_trl_takes_on_cuda(compact, patched, tmp_path, monkeypatch):
+    """On Triton devices TRL scores only the valid positions (hidden_states[mask]); forced here on the
+    CPU, the trainer's loss is the same as on every position."""
+    import trl.trainer.utils as utils
+
+    monkeypatch.setattr(utils, "_use_triton", lambda device: compact)
+    trainer = DPOTrainer(model=T.model(), ref_model=T.model(seed=1), args=_config(tmp_path),
+                         train_dataset=T.preference_data(), processing_class=T.tokenizer())
+    inputs = _batch(trainer)
+    loss_trainer = trainer.compute_loss(trainer.model, inputs)
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    with torch.no_grad():
+        ref_h = _hidden(trainer.ref_model, inputs)
+    want, _ = fusedpref.preference_loss(_hidden(trainer.model, inputs), trainer.model.lm_head.weight, labels,
+                                        loss_type="expo", beta=0.5, ref_hidden=ref_h,
+                                        ref_weight=trainer.ref_model.lm_head.weight)
+    torch.testing.assert_close(loss_trainer, want, rtol=1e-6, atol=1e-7)
 
 
 def test_unpatched_trl_does_not_know_expo(tmp_path):

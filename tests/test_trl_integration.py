@@ -186,3 +186,37 @@ def test_patch_swaps_every_head_and_unpatch_restores_them(unpatched):
     assert trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
     assert cd.ChunkedDivergenceFunction is dt.ChunkedDivergenceFunction is not fp_trl.FusedDivergence
     assert DPOTrainer.__dict__["_compute_loss"] is original_loss and not fp_trl.is_patched()
+
+
+def test_patch_trl_registers_trls_zero3_gather_around_the_backward_recompute(unpatched):
+    """Under DeepSpeed ZeRO-3 TRL gathers the partitioned head with maybe_gather_lm_head_ctx; after
+    patch_trl() fusedpref's backward recompute runs inside the same gather (the one-pass frozen
+    path reads no weight in backward and gathers nothing)."""
+    import contextlib
+
+    from fusedpref import functions
+
+    fp_trl.patch_trl()
+    assert functions._WEIGHT_GATHER is trl_utils.maybe_gather_lm_head_ctx
+    seen = []
+
+    @contextlib.contextmanager
+    def spy(*params):
+        seen.append(params)
+        yield
+
+    functions.set_weight_gather(spy)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 40, (6,), generator=g)
+    out = fp_trl.FusedLogProbHead.apply(h, w, None, y, 1.0, 64, None, 1.0, ("log_probs",))
+    assert not seen                                    # the forward runs inside the caller's gather
+    out[0].sum().backward()
+    assert len(seen) == 1 and seen[0][0] is w and seen[0][1] is None
+    seen.clear()
+    out = fp_trl.FusedLogProbHead.apply(h, w.detach(), None, y, 1.0, 64, None, 1.0, ("log_probs",))
+    out[0].sum().backward()
+    assert not seen                                    # frozen one-pass backward: dH = g d
+    fp_trl.unpatch_trl()
+    assert functions._WEIGHT_GATHER is None

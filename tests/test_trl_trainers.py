@@ -173,3 +173,25 @@ def test_lora_dpo_takes_the_one_pass_frozen_head_path(args, monkeypatch):
                           peft_config=peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     compare(make, monkeypatch)
     assert len(calls) == 2          # the policy's forward of each step; the reference runs under no_grad
+
+
+def test_a_lora_adapter_on_the_lm_head_is_a_clear_error():
+    """A PEFT adapter on lm_head itself: the fused head would read the frozen base weight and drop the
+    adapter's term silently. TRL 1.16's trainers refuse it when built; TRL's add_fused_lm_head used
+    directly (a custom loop) does not: after patch_trl() its fused forward raises, naming the module,
+    while the plain forward (generation) still works."""
+    peft = optional("peft")
+    with T.patched(True):
+        from trl.trainer import utils
+
+        assert utils.add_fused_lm_head._fusedpref
+        model = T.model()
+        utils.add_fused_lm_head(model)
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+        ids = torch.randint(0, len(T.VOCAB), (2, 8))
+        with pytest.raises(ValueError, match="adapter on the LM head.*'lm_head' is in the adapter's target_modules"):
+            lora(input_ids=ids, labels=ids, fused_lm_head=True)
+        assert lora(input_ids=ids).logits.shape[:2] == (2, 8)
+        plain = T.model()
+        utils.add_fused_lm_head(plain)
+        assert torch.isfinite(plain(input_ids=ids, labels=ids, fused_lm_head=True).log_probs).all()

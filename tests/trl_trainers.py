@@ -8,8 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-from _tiny import (length_reward, model, preference_data, prompt_data, text_data, tokenizer,  # noqa: E402,F401
-                   unpaired_data)
+from _tiny import (VOCAB, length_reward, model, preference_data, prompt_data, text_data,  # noqa: E402,F401
+                   tokenizer, unpaired_data)
 
 
 @contextlib.contextmanager

@@ -47,7 +47,19 @@ def run(argv=None):
     p.add_argument("--out", default=None, help="folder for the CSV and PNG (default: a new folder "
                    "out/bench-<UTC time>; the committed bench/results/ changes only when named here)")
     p.add_argument("--tag", default=None, help="file name tag (default: the device)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="exit 0 even when a provider failed (its rows say why); by default a failed, timed-out "
+                        "or out-of-memory provider makes the exit status 1")
     a = p.parse_args(argv)
+    for flag in ("pairs", "seq", "d", "v", "repeats"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag} must be a whole number >= 1, got {getattr(a, flag)}")
+    if not 0 <= a.prompt_frac < 1:
+        p.error(f"--prompt-frac must lie in [0, 1) (the fraction of each sequence that is prompt), got {a.prompt_frac}")
+    if a.seq - int(a.seq * a.prompt_frac) < 1:
+        p.error(f"--seq {a.seq} with --prompt-frac {a.prompt_frac} leaves no completion token")
+    if not a.timeout > 0 or (a.budget is not None and not a.budget > 0):
+        p.error("--timeout and --budget must be positive numbers of seconds")
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, a.dtype)
     wanted = [x.strip() for x in a.providers.split(",") if x.strip()]
@@ -156,6 +168,12 @@ def run(argv=None):
             plot(sweep_rows, png, f"fusedpref bench: {meta['device']}, D={a.d}, V={a.v} (sweep varies V and "
                  f"tokens), {a.dtype}, loss {a.loss_type}, {meta['date']}, commit {meta['commit']}")
             print(f"# wrote {png}")
+    failed = sorted({r["provider"] for r in rows + sweep_rows if r.get("status", "ok") != "ok"})
+    if failed:
+        print(f"# failed: {', '.join(failed)} (see their rows)" + ("" if a.keep_going else "; exit status 1 "
+                                                                  "(--keep-going: 0)"))
+        if not a.keep_going:
+            raise SystemExit(1)
     return rows
 
 

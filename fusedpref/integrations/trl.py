@@ -19,9 +19,14 @@ After `patch_trl()`:
   (fusedpref.preference_loss) with the exact vocabulary KL(pi_ref || pi_theta): the policy's and
   the reference's last hidden states go through `LinearLogProbsKL` (one pass over both heads).
   The reference is `ref_model`, or the policy with its adapters disabled under PEFT (as TRL
-  does). With `precompute_ref_log_probs=True` there are no reference hidden states: the KL is
-  the sequence estimator (said once in the log). TRL's metric names are logged, plus kl/chosen
-  and kl/rejected.
+  does). `precompute_ref_log_probs=True` raises when the trainer is built: the exact KL needs the
+  reference's hidden states, and the dataset's responses are not samples of pi_ref, so their
+  precomputed log-probs estimate no divergence. TRL's metric names are logged, plus kl/chosen and
+  kl/rejected.
+- A PEFT adapter on the LM head itself (LoRA & co. with `lm_head` in `target_modules`) raises a
+  clear error at the first fused forward: TRL's fused head reads `lm_head.weight`, the frozen base
+  weight, and the adapter's low-rank term would be silently missing (`modules_to_save=["lm_head"]`,
+  a trainable full copy, is read correctly).
 
 TRL's logits are softcap(s (h W^T + b)) / T for a logit scale s, a soft-cap c and a temperature
 T; fusedpref's are softcap'(h W^T + b) * scale, so the cap is c / |s| and the scale s / T.
@@ -39,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import inspect
 import logging
 import re
@@ -176,6 +182,18 @@ def _head_inputs(model, model_kwargs, labels):
     return full, call
 
 
+def _expo_checks(trainer):
+    """What DPOTrainer + EXPO cannot serve, raised when the trainer is built (before TRL
+    precomputes anything)."""
+    if trainer.precompute_ref_logps:
+        raise ValueError("loss_type 'expo' with precompute_ref_log_probs=True: EXPO's exact KL(pi_ref || pi_theta) "
+                         "runs over the vocabulary from the reference's hidden states, which precomputing drops. The "
+                         "precomputed log-probs of the dataset's responses estimate no divergence (the responses are "
+                         "not samples of pi_ref: log pi_ref(y) - log pi_theta(y) can be negative and does not vanish "
+                         "in gradient at pi_theta = pi_ref). Set precompute_ref_log_probs=False (the reference model, "
+                         "or the LoRA base with adapters disabled, then runs each step under no_grad)")
+
+
 def _expo_compute_loss(self, model, inputs, return_outputs):
     """DPOTrainer._compute_loss for a loss list holding "expo", through fusedpref.preference_loss."""
     from accelerate.utils import is_peft_model
@@ -202,30 +220,21 @@ def _expo_compute_loss(self, model, inputs, return_outputs):
     labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
     targets = labels[:, 1:]
 
-    ref = {}
-    if self.precompute_ref_logps:
-        if not getattr(self, "_fusedpref_said_sequence", False):
-            logger.warning("fusedpref: loss_type 'expo' with precompute_ref_log_probs=True has no reference hidden "
-                           "states, so EXPO uses the sequence estimator of the KL (expo_kl='sequence') instead of the "
-                           "exact vocabulary KL")
-            self._fusedpref_said_sequence = True
-        ref = dict(ref_logps=torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]),
-                   expo_kl="sequence")
-    else:
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if is_peft_model(self.model) and self.ref_model is None:
-                unwrapped = self.accelerator.unwrap_model(self.model)
-                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    ref_hidden, ref_call = _head_inputs(self.model, model_kwargs, labels)
-            else:
-                ref_hidden, ref_call = _head_inputs(self.ref_model, model_kwargs, labels)
-        ref = dict(ref_hidden=ref_hidden.detach(), ref_weight=ref_call["weight"].detach(),
-                   ref_bias=None if ref_call["bias"] is None else ref_call["bias"].detach())
+    _expo_checks(self)
+    with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        if is_peft_model(self.model) and self.ref_model is None:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                ref_hidden, ref_call = _head_inputs(self.model, model_kwargs, labels)
+        else:
+            ref_hidden, ref_call = _head_inputs(self.ref_model, model_kwargs, labels)
+    ref_cap, ref_scale = _transform(ref_call["logit_scale"], ref_call["softcap"], ref_call["temperature"])
+    ref = dict(ref_hidden=ref_hidden.detach(), ref_weight=ref_call["weight"].detach(),
+               ref_bias=None if ref_call["bias"] is None else ref_call["bias"].detach(), ref_softcap=ref_cap,
+               ref_logit_scale=ref_scale)
     hidden, call = _head_inputs(model, model_kwargs, labels)
+    # TRL's softcap(s (h W^T + b)) / T as fusedpref's cap and scale, for each model's head
     cap, scale = _transform(call["logit_scale"], call["softcap"], call["temperature"])
-    if scale is not None:
-        raise NotImplementedError("loss_type 'expo' through fusedpref supports models without a logit scale "
-                                  f"(got logit_scale {call['logit_scale']}, temperature {call['temperature']})")
     extra = {}
     if self.label_smoothing:
         extra["label_smoothing"] = self.label_smoothing
@@ -233,7 +242,7 @@ def _expo_compute_loss(self, model, inputs, return_outputs):
         extra["discopop_tau"] = self.args.discopop_tau
     loss, metrics = preference_loss(hidden, call["weight"], targets, loss_type=list(self.loss_types),
                                     loss_weights=list(self.loss_weights), beta=self.beta, bias=call["bias"],
-                                    softcap=cap, **ref, **extra)
+                                    softcap=cap, logit_scale=scale, **ref, **extra)
     gather = self.accelerator.gather_for_metrics
     for key, value in metrics.items():
         self._metrics[mode][key].append(gather(value.detach().reshape(1)).float().mean().item())
@@ -242,6 +251,53 @@ def _expo_compute_loss(self, model, inputs, return_outputs):
         self._total_train_tokens += tokens // self._tp_size
     self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
     return loss
+
+
+def _wrap_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if "expo" in self.loss_types or "typo" in self.loss_types:
+            _expo_checks(self)
+    __init__._fusedpref = True
+    return __init__
+
+
+def _lm_head_adapter(model):
+    """The name of a PEFT tuner layer (LoRA, ...) wrapping the model's LM head, or None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:           # no PEFT: no adapter
+        return None
+    if isinstance(head, BaseTunerLayer):
+        return type(head).__name__
+    return None
+
+
+def _guard_lm_head(add_fused_lm_head):
+    """TRL's add_fused_lm_head, whose fused forward refuses a PEFT adapter on the LM head (the fused
+    head reads lm_head.weight: the frozen base weight, without the adapter's term)."""
+    @functools.wraps(add_fused_lm_head)
+    def add(model, *args, **kwargs):
+        add_fused_lm_head(model, *args, **kwargs)
+        fused = model.forward
+
+        @functools.wraps(fused)
+        def forward(*a, **k):
+            if k.get("fused_lm_head"):
+                kind = _lm_head_adapter(model)
+                if kind is not None:
+                    raise ValueError(f"fusedpref's fused LM head cannot serve a PEFT adapter on the LM head (lm_head is "
+                                     f"a {kind}: 'lm_head' is in the adapter's target_modules). The fused head reads "
+                                     "lm_head.weight, the frozen base weight, so the adapter's low-rank term would be "
+                                     "silently missing. Remove 'lm_head' from target_modules (modules_to_save="
+                                     "['lm_head'] trains a full copy, which the fused head reads correctly), or run "
+                                     "TRL's own head (fusedpref.integrations.trl.unpatch_trl())")
+            return fused(*a, **k)
+        model.forward = forward
+    add._fusedpref = True
+    return add
 
 
 def _wrap_compute_loss(original):
@@ -273,16 +329,20 @@ def _targets():
         import trl.trainer.distillation_trainer as distillation
         import trl.trainer.utils as utils
         from trl import DPOTrainer
+        trainer_modules = [importlib.import_module(f"trl.trainer.{m}_trainer")
+                           for m in ("dpo", "kto", "sft", "rloo", "grpo")]
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("fusedpref.integrations.trl needs trl >= 1.16 (pip install 'fusedpref[trl]')") from exc
     if not hasattr(utils, "_ChunkedLogProbFunction") or not hasattr(distillation, "ChunkedDivergenceFunction"):
         raise ImportError("this TRL has no fused LM head (trl.trainer.utils._ChunkedLogProbFunction) or "
                           "chunked divergence; fusedpref.integrations.trl needs trl >= 1.16")
+    guarded = [(m, "add_fused_lm_head", _guard_lm_head) for m in [utils, *trainer_modules]
+               if hasattr(m, "add_fused_lm_head")]
     return [(utils, "_ChunkedLogProbFunction", FusedLogProbHead), (kernels, "ChunkedLogProbFunction", FusedLogProbHead),
             (logprob, "ChunkedLogProbFunction", FusedLogProbHead),
             (divergence, "ChunkedDivergenceFunction", FusedDivergence),
             (distillation, "ChunkedDivergenceFunction", FusedDivergence),
-            (DPOTrainer, "_compute_loss", None)]
+            (DPOTrainer, "_compute_loss", _wrap_compute_loss), (DPOTrainer, "__init__", _wrap_init), *guarded]
 
 
 def _original_attr(obj, name):
@@ -300,8 +360,8 @@ def patch_trl() -> None:
 
     for obj, name, replacement in _targets():
         original = obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name)
-        if replacement is None:
-            replacement = _wrap_compute_loss(original)
+        if inspect.isfunction(replacement):      # a wrapper of the original (the drop-in classes replace it)
+            replacement = replacement(original)
         _PATCHES.append((obj, name, original))
         setattr(obj, name, replacement)
     functions.set_weight_gather(maybe_gather_lm_head_ctx)
