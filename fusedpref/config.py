@@ -8,7 +8,8 @@ FUSEDPREF_CHUNK_MB bounds the vocabulary-chunk buffers that backward (and the to
 forward) allocate: rows x chunk_columns x element size <= this many MiB per buffer. Default for
 the Triton backend: 8192 columns capped at 256 MiB (fusedpref/schedule.py: fewer chunks mean
 fewer fp32 dH read-modify-writes and H re-reads); setting the variable replaces both. Default
-for the torch backend: 8 MiB (it holds about two such fp32 buffers at once).
+for the torch backend: 8 MiB for all the chunk buffers a pass holds at once (fusedpref/chunked.py
+sizes each pass's chunk for them; 256 MiB on CUDA).
 
 FUSEDPREF_CHUNK_COLS=n overrides that with exactly n vocabulary columns per chunk (any n >= 1;
 tests use it to make V span several chunks with boundaries inside a tile).

@@ -380,6 +380,14 @@ def _two_head_call(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, proce
     return HeadTensors(hidden, weight, bias), HeadTensors(ref_hidden, ref_weight, ref_bias), process_group
 
 
+def _kl_call(transforms, **options) -> HeadCall:
+    """The forward-KL call of the two-head functions: transforms = (softcap, logit_scale, ref_softcap,
+    ref_logit_scale, temperature), the reference's "same" meaning the policy's."""
+    softcap, logit_scale, ref_softcap, ref_logit_scale, temperature = transforms
+    return make_call(transform(softcap, logit_scale, temperature),
+                     ref=ref_transform(ref_softcap, ref_logit_scale, softcap, logit_scale, temperature), **options)
+
+
 def linear_kl(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, targets: Tensor, *,
               bias: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None, ignore_index: int = -100,
               softcap: Optional[float] = None, ref_softcap: Union[float, None, Same] = "same",
@@ -390,10 +398,9 @@ def linear_kl(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Te
     The reference head's cap and scale default to the policy's ("same").
     process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
     policy, ref, process_group = _two_head_call(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
-    call = make_call(transform(softcap, logit_scale, temperature),
-                     ref=ref_transform(ref_softcap, ref_logit_scale, softcap, logit_scale, temperature),
-                     ignore_index=ignore_index, backend=backend, logp=False, frozen=frozen,
-                     process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    call = _kl_call((softcap, logit_scale, ref_softcap, ref_logit_scale, temperature), ignore_index=ignore_index,
+                    backend=backend, logp=False, frozen=frozen, process_group=process_group,
+                    reduce_hidden_grad=reduce_hidden_grad)
     return run(call, targets, policy, ref).div
 
 
@@ -408,10 +415,8 @@ def linear_logprobs_kl(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_w
     The reference head's cap and scale default to the policy's ("same").
     process_group: vocabulary-parallel, both heads sharded alike (README "Distributed")."""
     policy, ref, process_group = _two_head_call(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
-    call = make_call(transform(softcap, logit_scale, temperature),
-                     ref=ref_transform(ref_softcap, ref_logit_scale, softcap, logit_scale, temperature),
-                     ignore_index=ignore_index, backend=backend, frozen=frozen, process_group=process_group,
-                     reduce_hidden_grad=reduce_hidden_grad)
+    call = _kl_call((softcap, logit_scale, ref_softcap, ref_logit_scale, temperature), ignore_index=ignore_index,
+                    backend=backend, frozen=frozen, process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     out = run(call, targets, policy, ref)
     return out.logp, out.ref_logp, out.div
 

@@ -153,8 +153,13 @@ MUTANTS = [
 
 
 def _copy_tree(dst):
-    ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis",
+    common = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis",
                                     "out", "bench")
+
+    def ignore(src, names):
+        # a checkout may link fusedpref/kernels to kernels/ itself (an uninstalled working tree)
+        extra = {"kernels"} if os.path.abspath(src) == os.path.join(ROOT, "fusedpref") else set()
+        return set(common(src, names)) | (extra & set(names))
     shutil.copytree(ROOT, dst, ignore=ignore)
     # the installed layout: kernels/ is importable as fusedpref.kernels
     os.symlink(os.path.join(dst, "kernels"), os.path.join(dst, "fusedpref", "kernels"))
