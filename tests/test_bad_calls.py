@@ -239,7 +239,6 @@ CLI_CASES = {
     "cli-seq-negative": (["bench", "--seq", "-1"], "--seq must be a whole number >= 1, got -1"),
     "cli-repeats-zero": (["bench", "--repeats", "0"], "--repeats must be a whole number >= 1"),
     "cli-prompt-frac": (["bench", "--prompt-frac", "1.5"], "--prompt-frac must lie in [0, 1)"),
-    "cli-no-completion": (["bench", "--seq", "2", "--prompt-frac", "0.9"], "leaves no completion token"),
     "cli-timeout": (["bench", "--timeout", "0"], "--timeout and --budget must be positive"),
     "cli-roofline-zero": (["roofline", "--n", "0"], "--n must be a whole number >= 1, got 0"),
     "cli-roofline-negative": (["roofline", "--v", "-5"], "--v must be a whole number >= 1, got -5"),

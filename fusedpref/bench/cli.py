@@ -56,8 +56,6 @@ def run(argv=None):
             p.error(f"--{flag} must be a whole number >= 1, got {getattr(a, flag)}")
     if not 0 <= a.prompt_frac < 1:
         p.error(f"--prompt-frac must lie in [0, 1) (the fraction of each sequence that is prompt), got {a.prompt_frac}")
-    if a.seq - int(a.seq * a.prompt_frac) < 1:
-        p.error(f"--seq {a.seq} with --prompt-frac {a.prompt_frac} leaves no completion token")
     if not a.timeout > 0 or (a.budget is not None and not a.budget > 0):
         p.error("--timeout and --budget must be positive numbers of seconds")
     device = torch.device("cuda" if cuda else "cpu")
