@@ -29,8 +29,8 @@ from torch import Tensor
 from . import chunked
 from ._checks import range_error
 from ._partials import PLANES, ONE_HEAD, Partials, acc_dtype, empty_partials, expectation, finish_kl, \
-    finish_logprob, target_direction
-from ._spec import Head, HeadCall, Needs
+    finish_logprob, target_direction, transform_grad
+from ._spec import Divergence, Head, HeadCall, LossRows, Needs
 from .distributed import VocabShard, call_code
 
 N_STATS = 4   # columns of the statistics: sum of logits, entropy, argmax hit, log sum_v p^2
@@ -356,3 +356,120 @@ def _register_flop_counting():
 
 
 _register_flop_counting()
+
+
+# ---------------------------------------------------------------- gradients in forward
+
+class Accumulated(NamedTuple):
+    dw: Optional[Tensor]
+    db: Optional[Tensor]
+
+
+def _unit_chunks(rows_per_unit: list, width: int, budget_bytes: int, kept_buffers: int):
+    """Consecutive units whose kept buffers [rows, V] fit the budget together: [(first, last, kept)],
+    kept False for a single unit too large alone (it takes the two-pass route)."""
+    chunks, first, used = [], 0, 0
+    per_row = width * kept_buffers
+    for u, r in enumerate(rows_per_unit):
+        if r * per_row > budget_bytes:
+            if u > first:
+                chunks.append((first, u, True))
+            chunks.append((u, u + 1, False))
+            first, used = u + 1, 0
+        elif used + r * per_row > budget_bytes:
+            chunks.append((first, u, True))
+            first, used = u, r * per_row
+        else:
+            used += r * per_row
+    if first < len(rows_per_unit):
+        chunks.append((first, len(rows_per_unit), True))
+    return chunks
+
+
+def fused_loss(call: HeadCall, pol: Head, ref: Head | None, targets: Tensor, layout: LossRows, unit_grads,
+               budget_bytes: int, needs: Needs):
+    """The gradients-in-forward pipeline of a loss whose per-unit gradient depends on the other units
+    only through the reduction (fusedpref/api.py builds unit_grads from the loss registry).
+
+    Per chunk of units (as many as the kept budget holds): compact rows -> the backend's kept
+    partials (the logits once; P = k(z) exp(z - m) kept per vocabulary chunk, and Q for a reference
+    head) -> finish (log-probs, statistics, KL) -> sequence sums -> unit_grads(sequences, values)
+    gives dL/dlogp and dL/dKL of each sequence -> dz built in the kept buffers -> dH rows, dW, db
+    accumulated. 2 (logits) + 2 (dH) + 2 (dW) N D V FLOPs, + 2 for a reference head in the pass. A
+    unit too large for the budget alone takes two passes (the statistics, then the recompute
+    backward) inside the same forward.
+
+    Returns (sequence log-probs [S], reference sequence log-probs [S] or None, sequence KL [S] or
+    None, per-row statistics [n, 4], dH [n, D] or None, dW or None, db or None)."""
+    impl = _impl(call.backend)
+    n = targets.shape[0]
+    dt = acc_dtype(pol.h.dtype)
+    dev = pol.h.device
+    rows_all = Rows.forward(call, pol, targets)
+    valid = torch.zeros(n, dtype=torch.bool, device=dev)
+    valid[rows_all.idx] = True
+    seq_of_row = layout.seq
+    per_seq = torch.zeros(layout.n_seq, dtype=torch.long, device=dev).index_add_(
+        0, seq_of_row[rows_all.idx], torch.ones_like(rows_all.idx))
+    per_unit = per_seq[layout.units].sum(1).tolist()
+    elem = dt.itemsize if call.backend == "torch" else pol.h.element_size()
+    buffers = 2 if ref is not None else 1
+    chunks = _unit_chunks(per_unit, pol.w.shape[0] * elem, budget_bytes, buffers)
+    logp_seq = torch.zeros(layout.n_seq, dtype=dt, device=dev)
+    ref_seq = torch.zeros_like(logp_seq) if ref is not None else None
+    kl_seq = torch.zeros_like(logp_seq) if ref is not None else None
+    stats = pol.h.new_zeros((n, N_STATS), dtype=dt)
+    dh = torch.zeros_like(pol.h) if needs.h else None
+    acc = Accumulated(torch.zeros(pol.w.shape, dtype=torch.float32 if pol.w.dtype != torch.float64 else dt,
+                                  device=dev) if needs.w else None,
+                      torch.zeros(pol.w.shape[0], dtype=dt, device=dev) if needs.b else None)
+    unit_of_seq = torch.empty(layout.n_seq, dtype=torch.long, device=dev)
+    unit_of_seq[layout.units.flatten()] = torch.arange(layout.units.shape[0], device=dev).repeat_interleave(
+        layout.units.shape[1])
+    for first, last, kept in chunks:
+        in_chunk = valid & (unit_of_seq[seq_of_row] >= first) & (unit_of_seq[seq_of_row] < last)
+        idx = in_chunk.nonzero().squeeze(1)
+        y = targets.index_select(0, idx)
+        p = pol._replace(h=pol.h.index_select(0, idx))
+        r = None if ref is None else ref._replace(h=ref.h.index_select(0, idx))
+        if kept:
+            part, keep = impl.kept_partials(p, r, y, True)
+        elif r is None:
+            part, keep = impl.logprob_partials(p, y, True), None
+        else:
+            part, keep = impl.kl_partials(p, r, y, True, Divergence.FORWARD_KL), None
+        planes = part.planes.to(dt)
+        if r is None:
+            lp, lse, st = finish_logprob(planes, part.arg, y)
+            res = dict(logp=lp, lse=lse, stats=st)
+        else:
+            res = finish_kl(planes, part.arg, y, Divergence.FORWARD_KL)
+        seqs = seq_of_row.index_select(0, idx)
+        logp_seq.index_add_(0, seqs, res["logp"].to(dt))
+        if ref is not None:
+            ref_seq.index_add_(0, seqs, res["ref_logp"].to(dt))
+            kl_seq.index_add_(0, seqs, res["div"].to(dt))
+        stats.index_copy_(0, idx, res["stats"].to(dt))
+        units = layout.units[first:last]
+        g_logp, g_kl = unit_grads(units, logp_seq, ref_seq, kl_seq)      # [S] each (0 outside the chunk)
+        g_lp = g_logp.index_select(0, seqs).to(dt)
+        g_div = None if g_kl is None else g_kl.index_select(0, seqs).to(dt)
+        if kept:
+            zy = planes[PLANES["zy"]]
+            k_y = transform_grad(zy, p.xf)
+            g_y = g_lp if k_y is None else g_lp * k_y
+            big, total = planes[PLANES["m_z"]], planes[PLANES["l_z"]]
+            if r is None:
+                coefs = (-g_lp / total, big, None, None, g_y)
+            else:
+                coefs = ((g_div - g_lp) / total, big, -g_div / planes[PLANES["l_r"]], planes[PLANES["m_r"]], g_y)
+            dh_rows = impl.kept_backward(p, y, keep, coefs, needs, acc)
+            del keep
+        else:
+            state = RowState(res["lse"], res.get("rlse"), None, None)
+            dh_rows, _, _ = impl.backward(call, p, r, y, state, RowGrads(g_lp, g_div, None), needs, dh_dtype=dt, acc=acc)
+        if needs.h:
+            dh.index_copy_(0, idx, dh_rows.to(dh.dtype))
+    dw = acc.dw.to(pol.w.dtype) if needs.w else None
+    db = acc.db.to(pol.b.dtype) if needs.b else None
+    return logp_seq, ref_seq, kl_seq, stats, dh, dw, db

@@ -113,3 +113,12 @@ class Needs(NamedTuple):
     h: bool
     w: bool
     b: bool
+
+
+class LossRows(NamedTuple):
+    """How the flat rows of a loss computed in the fused pass group into sequences and units:
+    seq [n] the sequence of each row; units [U, k] the sequences of each unit that has one loss
+    term (a preference pair: (i, i + B); a KTO sequence: (i,)), in unit order; n_seq sequences."""
+    seq: torch.Tensor
+    units: torch.Tensor
+    n_seq: int

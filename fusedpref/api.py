@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 
 from . import _dtensor
-from ._checks import BACKENDS, check_ignore_index, check_softcap
-from ._spec import Backend, FrozenMode
-from .functions import HeadTensors, Same, check_pair, make_call, ref_transform, run, transform
-from .functions import REF_NAMES
+from ._checks import BACKENDS, check_ignore_index, check_softcap, resolve_backend
+from ._spec import Backend, FrozenMode, LossRows
+from .config import kept_bytes
+from .functions import REF_NAMES, HeadTensors, LossPlan, Same, check_pair, make_call, ref_transform, run, run_loss, \
+    transform
 from .losses import LOSSES, NLL_LOSSES, Pairs, check_loss_args, is_real
 
 Reduction = Literal["mean", "sum", "none"]
@@ -144,6 +145,66 @@ def _nll(heads: _Heads, policy: HeadTensors, targets, nll_targets, mask, b, logp
     return -tok.sum() / (nt != heads.ignore_index).sum().clamp(min=1).to(tok.dtype)
 
 
+class _PairLoss:
+    """The [B]-sized loss maths of a preference_loss call, shared by the recompute path and the
+    gradients-in-forward path (so both give the same loss): Pairs from sequence log-probs, the
+    length averaging, the weighted loss types, the reduction."""
+
+    def __init__(self, types, weights, params, beta, label_smoothing, reduction, average_log_prob, lengths, b):
+        self.types, self.weights, self.params = types, weights, params
+        self.beta, self.ls, self.reduction, self.avg = float(beta), float(label_smoothing), reduction, average_log_prob
+        self.lengths, self.b = lengths, b
+
+    def pairs(self, logps, ref, kl, nll, rows=None):
+        """{loss type: Pairs} of the pairs rows (chosen indices; default all B), EXPO's unaveraged."""
+        rows = torch.arange(self.b, device=logps.device) if rows is None else rows
+        other = rows + self.b
+        pick = lambda t, r: None if t is None else t.index_select(0, r)  # noqa: E731
+        pairs = Pairs(pick(logps, rows), pick(logps, other), pick(ref, rows), pick(ref, other),
+                      self.lengths.index_select(0, rows), self.lengths.index_select(0, other), self.beta, self.ls,
+                      self.params, pick(kl, rows), pick(kl, other), nll)
+        # EXPO reads average_log_prob itself (its supervised term only); every other loss gets
+        # length-averaged sequence log-probs
+        averaged = pairs.averaged() if self.avg else pairs
+        return {t: pairs if (LOSSES[t].fn is LOSSES["expo"].fn) else averaged for t in self.types}
+
+    def losses(self, pairs_for):
+        return sum(w * LOSSES[t].fn(pairs_for[t]) for t, w in zip(self.types, self.weights))
+
+    def reduce(self, losses):
+        return losses.mean() if self.reduction == "mean" else losses.sum() if self.reduction == "sum" else losses
+
+    @property
+    def scale(self):
+        """d(reduced loss) / d(each pair's loss)."""
+        return 1.0 / self.b if self.reduction == "mean" else 1.0
+
+
+def _fits(mask, units, vocab, elem_bytes, buffers, budget) -> bool:
+    """Whether at least one unit (a pair, a KTO sequence) fits the kept budget alone: if none does,
+    the fused pass would take two passes for every unit, which is the recompute path."""
+    rows = mask.sum(-1)[units].sum(-1)
+    return bool((rows * vocab * elem_bytes * buffers <= budget).any())
+
+
+def _gif_blocker(grad_in_forward, types, reduction, policy: HeadTensors, group, frozen_head) -> Optional[str]:
+    """Why the gradients-in-forward path cannot serve this call (None: it can)."""
+    if not torch.is_grad_enabled() or not any(isinstance(t, Tensor) and t.requires_grad for t in policy):
+        return "nothing requires grad"
+    coupled = [t for t in types if t in LOSSES and not LOSSES[t].decomposable]
+    if coupled:
+        return f"loss_type {coupled} couples the pairs of the batch (its per-pair gradient needs every pair)"
+    if reduction == "none":
+        return "reduction='none': the upstream gradient of each pair's loss is known only in backward"
+    if group is not None:
+        return "a process group (vocabulary-parallel heads) takes the recompute path"
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the recompute path (its custom ops)"
+    if frozen_head and grad_in_forward is None:
+        return "a frozen head takes its one-pass path (4 N D V)"
+    return None
+
+
 def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                     loss_type: Union[str, Sequence[str]] = "sigmoid", beta: float = 0.1,
                     bias: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
@@ -153,17 +214,24 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                     ref_softcap: Union[float, None, Same] = "same", ref_logit_scale: Union[float, None, Same] = "same",
                     label_smoothing: float = 0.0, loss_weights: Optional[Sequence[float]] = None,
                     reduction: Reduction = "mean", backend: Backend = "auto", average_log_prob: bool = False,
-                    nll_targets: Optional[Tensor] = None, frozen: FrozenMode = "auto", process_group=None,
+                    nll_targets: Optional[Tensor] = None, frozen: FrozenMode = "auto",
+                    grad_in_forward: Optional[bool] = None, kept_mb: Optional[float] = None, process_group=None,
                     reduce_hidden_grad: bool = True, **loss_specific) -> tuple[Tensor, dict]:
     """Fused preference loss. Returns (loss, metrics); see README for every loss type.
     softcap, logit_scale, temperature: the policy head's logit transform (the reference head's
-    defaults to the same). process_group: vocabulary-parallel heads (weight, bias, ref_weight,
+    defaults to the same). grad_in_forward: None (default) computes the gradients inside the
+    forward pass wherever that applies (6 N D V for a trainable head instead of 8; README
+    "Gradients in forward"), False forces the recompute path, True asks for it and raises where it
+    cannot apply; kept_mb bounds its kept logits (default FUSEDPREF_CHUNK_MB, else 8 MiB on the CPU
+    and 1024 MiB on CUDA). process_group: vocabulary-parallel heads (weight, bias, ref_weight,
     ref_bias this rank's shards; hidden, targets the same on every rank); DTensor heads are
     resolved once per call (README "Distributed")."""
     types, weights, params = check_loss_args(loss_type, loss_weights, label_smoothing, beta, loss_specific,
                                              average_log_prob)
     _check_reduction(reduction)
     _check_batch(hidden)
+    if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
+        raise TypeError(f"grad_in_forward must be None, True or False, got {grad_in_forward!r}")
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, group = _dtensor.resolve_heads(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
     heads = _Heads(_head_options(softcap, logit_scale, temperature, ref_softcap, ref_logit_scale, ignore_index,
@@ -179,8 +247,44 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     if expo_vocab and not has_fused_ref:
         raise ValueError("loss_type 'expo' with expo_kl='vocab' needs ref_hidden/ref_weight (the exact "
                          "KL runs over the reference head's vocabulary); use expo_kl='sequence' with ref_logps")
+    b = two_b // 2
+    mask = targets.long() != heads.ignore_index      # any integer dtype (uint8 cannot hold -100)
+    _warn_empty(mask, "preference")
+    frozen_head = isinstance(hidden, Tensor) and hidden.requires_grad and not weight.requires_grad and not (
+        bias is not None and bias.requires_grad)
+    blocker = None if grad_in_forward is False else _gif_blocker(grad_in_forward, types, reduction, policy, group,
+                                                                 frozen_head)
+    if grad_in_forward and blocker is not None:
+        raise ValueError(f"grad_in_forward=True cannot apply here: {blocker}; use grad_in_forward=None (the "
+                         "default picks the path) or False")
+    use_gif = grad_in_forward is not False and blocker is None
+    if use_gif and grad_in_forward is None:   # the default: only where one pair at least fits the kept budget
+        elem = 8 if hidden.dtype == torch.float64 else 4 if resolve_backend(backend, hidden.device, hidden.dtype) == \
+            "torch" else hidden.element_size()
+        chosen = torch.arange(b, device=hidden.device)
+        use_gif = _fits(mask, torch.stack([chosen, chosen + b], 1), weight.shape[0], elem, 2 if expo_vocab else 1,
+                        kept_bytes(kept_mb, hidden.device))
 
     kl = ref_seq = None
+    if not expo_vocab and has_fused_ref:     # the reference, forward only, before either path
+        check_pair(policy, ref, group is not None)
+        ref_seq = heads.reference_logps(targets, ref)
+    elif ref_logps is not None:
+        ref_seq = ref_logps.detach().to(device=hidden.device, dtype=torch.float64 if hidden.dtype == torch.float64
+                                        else torch.float32)
+    if use_gif:
+        logps, loss, ref_out, kl, stats, vocab, nll = _fused_pairs(
+            heads, policy, ref if expo_vocab else None, targets, mask, ref_seq, nll_targets,
+            _PairLoss(types, weights, params, beta, label_smoothing, reduction, average_log_prob,
+                      mask.sum(-1).to(torch.float64 if hidden.dtype == torch.float64 else torch.float32).clamp(min=1),
+                      b), kept_mb)
+        if expo_vocab:
+            ref_seq = ref_out
+        assembly = _PairLoss(types, weights, params, beta, label_smoothing, reduction, average_log_prob,
+                             mask.sum(-1).to(logps.dtype).clamp(min=1), b)
+        pairs_for = assembly.pairs(logps, ref_seq, kl, nll)
+        return loss, _metrics(pairs_for[types[0]], LOSSES[types[0]].rewards, stats, mask, vocab, b)
+
     if expo_vocab:
         # 1+2+3 in one pass over both heads: the policy's per-token log-probs (and metric
         # statistics), the reference's, and EXPO's exact vocabulary KL(p_ref || p_theta)
@@ -190,31 +294,90 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     else:
         # 1. policy: per-token log-probs (fused) summed per sequence, plus metric statistics
         logps, stats, vocab = heads.sequence_logps(targets, policy, stats=True)
-        # 2. reference: the fused kernel forward-only, or precomputed
-        if has_fused_ref:
-            check_pair(policy, ref, group is not None)
-            ref_seq = heads.reference_logps(targets, ref)
-        elif ref_logps is not None:
-            ref_seq = ref_logps.detach().to(device=logps.device, dtype=logps.dtype)
-    b = two_b // 2
-    mask = targets.long() != heads.ignore_index      # any integer dtype (uint8 cannot hold -100)
-    _warn_empty(mask, "preference")
+        if ref_seq is not None:
+            ref_seq = ref_seq.to(logps.dtype)
     lengths = mask.sum(-1).to(logps.dtype).clamp(min=1)
     # 3. the NLL term of sft / cpo / orpo (only when one of them is asked for)
     nll = _nll(heads, policy, targets, nll_targets, mask, b, logps) if set(types) & NLL_LOSSES else None
-
-    pairs = Pairs(logps[:b], logps[b:], None if ref_seq is None else ref_seq[:b],
-                  None if ref_seq is None else ref_seq[b:], lengths[:b], lengths[b:], float(beta),
-                  float(label_smoothing), params, None if kl is None else kl[:b], None if kl is None else kl[b:], nll)
-    # EXPO reads average_log_prob itself (its supervised term only); every other loss gets
-    # length-averaged sequence log-probs
-    averaged = pairs.averaged() if average_log_prob else pairs
-    pairs_for = {t: pairs if (LOSSES[t].fn is LOSSES["expo"].fn) else averaged for t in types}
-
+    assembly = _PairLoss(types, weights, params, beta, label_smoothing, reduction, average_log_prob, lengths, b)
+    pairs_for = assembly.pairs(logps, ref_seq, kl, nll)
     # 4. the loss on [B] tensors
-    losses = sum(w * LOSSES[t].fn(pairs_for[t]) for t, w in zip(types, weights))
-    loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
+    loss = assembly.reduce(assembly.losses(pairs_for))
     return loss, _metrics(pairs_for[types[0]], LOSSES[types[0]].rewards, stats, mask, vocab, b)
+
+
+def _fused_pairs(heads, policy, ref, targets, mask, ref_seq, nll_targets, assembly: _PairLoss, kept_mb):
+    """The loss with its gradient in the forward pass (functions.run_loss): (sequence log-probs [2B],
+    loss, the reference's sequence log-probs (EXPO's pass) or None, sequence KL or None, per-token
+    statistics, V, the NLL term or None)."""
+    two_b, t_len = targets.shape[0], targets.shape[1] if targets.dim() > 1 else 1
+    b = assembly.b
+    dev = policy.hidden.device
+    nll_types = set(assembly.types) & NLL_LOSSES
+    n_chosen = mask[:b].sum().clamp(min=1)
+    nll_ext = None
+    if nll_types and nll_targets is not None:   # the NLL over other targets: its own head call (recompute)
+        nll_ext = _nll(heads, policy, targets, nll_targets, mask, b, None)
+
+    def nll_of(logps):
+        if not nll_types:
+            return None
+        return nll_ext.detach() if nll_ext is not None else -logps[:b].sum() / n_chosen.to(logps.dtype)
+
+    def unit_grads(units, logp_seq, ref_seq_fused, kl_seq):
+        """dL/dlogp and dL/dKL [2B] of the units (pairs) in a chunk, by autograd on their [k] values."""
+        rows = units[:, 0]
+        refs = ref_seq_fused if ref_seq_fused is not None else ref_seq
+        with torch.enable_grad():
+            lp = logp_seq.detach().clone().requires_grad_()
+            kl = None if kl_seq is None else kl_seq.detach().clone().requires_grad_()
+            nll_leaf = torch.zeros((), dtype=lp.dtype, device=dev, requires_grad=True) if nll_types else None
+            pairs_for = assembly.pairs(lp, None if refs is None else refs.to(lp.dtype), kl, nll_leaf, rows)
+            total = assembly.losses(pairs_for).sum() * assembly.scale
+            inputs = [lp] + ([kl] if kl is not None else []) + ([nll_leaf] if nll_leaf is not None else [])
+            got = list(torch.autograd.grad(total, inputs, allow_unused=True))
+        g_lp = got.pop(0)
+        g_lp = torch.zeros_like(lp) if g_lp is None else g_lp
+        g_kl = None
+        if kl is not None:
+            g_kl = got.pop(0)
+            g_kl = torch.zeros_like(kl) if g_kl is None else g_kl
+        if nll_leaf is not None and nll_ext is None:
+            # the NLL term is linear in NLL = -sum of the chosen log-probs / their count: each pair's
+            # coefficient is the same, so the batch's is B times this chunk's per pair
+            g_nll = got.pop(0)
+            coef = (0.0 if g_nll is None else g_nll) * (b / rows.numel())
+            g_lp = g_lp.clone()
+            g_lp[:b] -= coef / n_chosen.to(g_lp.dtype)
+            keep = torch.zeros(two_b, dtype=torch.bool, device=dev)
+            keep[rows] = True
+            keep[rows + b] = True
+            g_lp = torch.where(keep, g_lp, torch.zeros_like(g_lp))
+        return g_lp, g_kl
+
+    def total(logp_seq, ref_seq_fused, kl_seq):
+        refs = ref_seq_fused if ref_seq_fused is not None else ref_seq
+        nll = nll_of(logp_seq)
+        return assembly.reduce(assembly.losses(assembly.pairs(logp_seq, None if refs is None else
+                                                              refs.to(logp_seq.dtype), kl_seq, nll)))
+
+    seq = torch.arange(two_b, device=dev).repeat_interleave(t_len)
+    units = torch.stack([torch.arange(b, device=dev), torch.arange(b, device=dev) + b], 1)
+    plan = LossPlan(heads.call(two_heads=ref is not None, stats=True), LossRows(seq, units, two_b), unit_grads, total,
+                    kept_bytes(kept_mb, dev))
+    loss, logps, ref_out, kl, stats = run_loss(plan, targets, policy, ref)
+    nll = nll_of(logps)
+    if nll_ext is not None:
+        # the NLL's own call carries its gradient: add it at the loss's coefficient of NLL
+        refs = ref_out if ref is not None else ref_seq
+        with torch.enable_grad():
+            nll_leaf = nll_ext.detach().clone().requires_grad_()
+            probe = assembly.reduce(assembly.losses(assembly.pairs(
+                logps, None if refs is None else refs.to(logps.dtype), kl, nll_leaf)))
+            coef, = torch.autograd.grad(probe, nll_leaf)
+        loss = loss + coef * (nll_ext - nll_ext.detach())
+        nll = nll_ext.detach()
+    return logps, loss, ref_out, kl, stats, policy.weight.shape[0], nll
 
 
 @torch.no_grad()
@@ -307,7 +470,8 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
              temperature: float = 1.0, ref_softcap: Union[float, None, Same] = "same",
              ref_logit_scale: Union[float, None, Same] = "same", reduction: Reduction = "mean",
              backend: Backend = "auto", average_log_prob: bool = False, frozen: FrozenMode = "auto",
-             process_group=None, reduce_hidden_grad: bool = True) -> tuple[Tensor, dict]:
+             grad_in_forward: Optional[bool] = None, kept_mb: Optional[float] = None, process_group=None,
+             reduce_hidden_grad: bool = True) -> tuple[Tensor, dict]:
     """KTO (TRL's KTOTrainer) on unpaired sequences: hidden [N, T, D], targets [N, T], labels [N]
     bool (True = desirable). The reference-KL estimate z0 = clamp(mean(kl_logps - ref_kl_logps), 0)
     comes from mismatched completions, either precomputed (kl_logps, ref_kl_logps [M]) or through
@@ -317,9 +481,12 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
         undesirable: w_u * (1 - sigmoid(beta * (z0 - logratio)))
     average_log_prob=True (Liger's KTO) uses length-averaged sequence log-probs throughout
     (precomputed ref_logps / kl_logps are then expected averaged too).
+    grad_in_forward, kept_mb: as preference_loss's (each sequence is a unit of the fused pass).
     process_group: vocabulary-parallel heads, as preference_loss's.
     """
     _check_reduction(reduction)
+    if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
+        raise TypeError(f"grad_in_forward must be None, True or False, got {grad_in_forward!r}")
     _check_kto_options(beta, desirable_weight, undesirable_weight, average_log_prob)
     _check_batch(hidden, paired=False)
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, group = _dtensor.resolve_heads(
@@ -351,14 +518,13 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
         return logps / (t.long() != heads.ignore_index).sum(-1).clamp(min=1).to(logps.dtype) if average_log_prob \
             else logps
 
-    logps, _, _ = heads.sequence_logps(targets, policy)
     _warn_empty(targets.long() != heads.ignore_index, "KTO")
-    logps = per_token_mean(logps, targets)
+    dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if has_head:
         check_pair(policy, ref, group is not None)
         ref_seq = per_token_mean(heads.reference_logps(targets, ref), targets)
     else:
-        ref_seq = ref_logps.detach().to(logps)
+        ref_seq = ref_logps.detach().to(device=hidden.device, dtype=dt)
     # the reference-KL estimate (detached)
     if fused_kl:
         with torch.no_grad():
@@ -367,15 +533,58 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
         kl_ref = heads.reference_logps(kl_targets, ref._replace(hidden=ref_kl_hidden))
         z0 = (per_token_mean(kl_pol, kl_targets) - per_token_mean(kl_ref, kl_targets)).mean().clamp(min=0)
     elif pre_kl:
-        z0 = (kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0).to(logps)
+        z0 = (kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0).to(device=hidden.device, dtype=dt)
     else:
-        z0 = logps.new_zeros(())
-    logratio = logps - ref_seq
+        z0 = ref_seq.new_zeros(())
     beta, desirable_weight, undesirable_weight = float(beta), float(desirable_weight), float(undesirable_weight)
-    losses = torch.where(labels,
-                         desirable_weight * (1 - torch.sigmoid(beta * (logratio - z0))),
-                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio))))
-    loss = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
+
+    def kto(logps):
+        """Each sequence's loss [N] from its (length-averaged) log-prob."""
+        logratio = logps - ref_seq.to(logps.dtype)
+        return torch.where(labels, desirable_weight * (1 - torch.sigmoid(beta * (logratio - z0))),
+                           undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio))))
+
+    def reduce(losses):
+        return losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
+
+    frozen_head = hidden.requires_grad and not weight.requires_grad and not (bias is not None and bias.requires_grad)
+    blocker = None if grad_in_forward is False else _gif_blocker(grad_in_forward, ["kto"], reduction, policy, group,
+                                                                 frozen_head)
+    if grad_in_forward and blocker is not None:
+        raise ValueError(f"grad_in_forward=True cannot apply here: {blocker}; use grad_in_forward=None (the "
+                         "default picks the path) or False")
+    use_gif = grad_in_forward is not False and blocker is None
+    if use_gif and grad_in_forward is None:
+        elem = 8 if hidden.dtype == torch.float64 else 4 if resolve_backend(backend, hidden.device, hidden.dtype) == \
+            "torch" else hidden.element_size()
+        use_gif = _fits(targets.long() != heads.ignore_index, torch.arange(n, device=hidden.device)[:, None],
+                        weight.shape[0], elem, 1, kept_bytes(kept_mb, hidden.device))
+    if use_gif:
+        lengths = (targets.long() != heads.ignore_index).sum(-1).clamp(min=1).to(dt)
+        scale = 1.0 / n if reduction == "mean" else 1.0
+
+        def seq_logps(raw):
+            return raw / lengths.to(raw.dtype) if average_log_prob else raw
+
+        def unit_grads(units, logp_seq, _ref, _kl):
+            rows = units[:, 0]
+            with torch.enable_grad():
+                lp = logp_seq.detach().clone().requires_grad_()
+                total = kto(seq_logps(lp)).index_select(0, rows).sum() * scale
+                g, = torch.autograd.grad(total, lp)
+            return g, None
+
+        t_len = targets.shape[1]
+        seq = torch.arange(n, device=hidden.device).repeat_interleave(t_len)
+        plan = LossPlan(heads.call(stats=True), LossRows(seq, torch.arange(n, device=hidden.device)[:, None], n),
+                        unit_grads, lambda lp, _r, _k: reduce(kto(seq_logps(lp))), kept_bytes(kept_mb, hidden.device))
+        loss, raw, _, _, _ = run_loss(plan, targets, policy)
+        logps = seq_logps(raw)
+    else:
+        logps, _, _ = heads.sequence_logps(targets, policy)
+        logps = per_token_mean(logps, targets)
+        loss = reduce(kto(logps))
+    logratio = logps - ref_seq.to(logps.dtype)
     with torch.no_grad():
         rewards = beta * logratio
 

@@ -14,6 +14,7 @@ kl_partials_frozen (-> fusedpref._partials.Partials of this vocabulary), jsd_sum
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -149,6 +150,90 @@ def logprob_partials_frozen(pol: Head, y, with_stats: bool) -> Partials:
     return Partials(*run.planes(), acc)
 
 
+class Kept(NamedTuple):
+    """The kept-logits forward's buffers (gradients in forward, fusedpref/_library.py): p [Nv, V] =
+    k(z) exp(z - m_c) of each vocabulary chunk c relative to the running max m_c at that chunk
+    (m [chunks, Nv]), and with a reference head q [Nv, V] = k(z) exp(r - mr_c) (mr); bounds the
+    chunks' (v0, v1). k is the policy's cap-and-scale chain."""
+    p: torch.Tensor
+    m: torch.Tensor
+    q: Optional[torch.Tensor]
+    mr: Optional[torch.Tensor]
+    bounds: tuple
+
+
+def kept_partials(pol: Head, ref: Head | None, y, with_stats: bool):
+    """The forward of the gradients-in-forward path over this vocabulary: the partials (as
+    logprob_partials / kl_partials with the forward KL) and the Kept buffers, in the compute dtype
+    (2 N D V FLOPs per head)."""
+    n = pol.h.shape[0]
+    vocab = pol.w.shape[0]
+    dt = acc_dtype(pol.h.dtype)
+    hf = pol.h.to(dt)
+    keep_p = torch.empty((n, vocab), dtype=dt, device=hf.device)
+    p_run = _OnlinePass(n, hf.device, y, with_stats, dt)
+    bounds = tuple(_chunks(pol, parts=3 + with_stats + (ref is not None) * 2))
+    m = torch.empty((len(bounds), n), dtype=dt, device=hf.device)
+    if ref is None:
+        for c, (v0, v1) in enumerate(bounds):
+            z = chunk_logits(pol, hf, v0, v1)
+            chain = transform_grad(z, pol.xf)            # before add overwrites z
+            _, pz = p_run.add(z, v0, v1)
+            keep_p[:, v0:v1] = pz if chain is None else pz.mul_(chain)
+            m[c] = p_run.m
+            del z, pz, chain
+        return Partials(*p_run.planes()), Kept(keep_p, m, None, None, bounds)
+    rhf = ref.h.to(dt)
+    keep_q = torch.empty_like(keep_p)
+    mr = torch.empty_like(m)
+    r_run = _OnlinePass(n, hf.device, y, dtype=dt)
+    a = torch.zeros(n, device=hf.device, dtype=dt)
+    for c, (v0, v1) in enumerate(bounds):      # as _kl_sweep's forward KL, keeping p and q
+        z, r = chunk_logits(pol, hf, v0, v1), chunk_logits(ref, rhf, v0, v1)
+        chain = transform_grad(z, pol.xf)
+        m1_old, m2_old, l1_old = r_run.m, p_run.m, r_run.l
+        m1_new, m2_new = torch.maximum(m1_old, r.amax(1)), torch.maximum(m2_old, z.amax(1))
+        diff = (r - m1_new[:, None]).sub_(z).add_(m2_new[:, None])
+        alpha_r, pr = r_run.add(r, v0, v1)
+        _, pz = p_run.add(z, v0, v1)
+        shift = torch.where(l1_old > 0, (m1_old - m1_new) - (m2_old - m2_new), 0.0)
+        a = alpha_r * (a + l1_old * shift) + torch.einsum("ij,ij->i", pr, diff)
+        keep_p[:, v0:v1] = pz if chain is None else pz.mul_(chain)
+        keep_q[:, v0:v1] = pr if chain is None else pr.mul_(chain)
+        m[c], mr[c] = p_run.m, r_run.m
+        del z, r, diff, pr, pz, chain
+    planes, arg = p_run.planes()
+    if not with_stats:
+        planes = torch.cat([planes, planes.new_zeros((4, planes.shape[1]))])
+    planes = torch.cat([planes, torch.stack([r_run.m, r_run.l, a, r_run.zy])])
+    return Partials(planes, arg), Kept(keep_p, m, keep_q, mr, bounds)
+
+
+def kept_backward(pol: Head, y, kept: Kept, coefs, needs: Needs, acc):
+    """dz of the kept chunks and its products, accumulated: per chunk c
+        dz = cp exp(m_c - M) p_c (+ cq exp(mr_c - Mr) q_c) + onehot(y) g_y
+    (coefs = (cp [Nv], M [Nv], cq [Nv] or None, Mr [Nv] or None, g_y [Nv]: the caller's per-row
+    coefficients, g_y already times k(z_y)), built in place in the kept buffer; then acc.dw[c] +=
+    dz^T h, acc.db[c] += sum dz, and returns dH [Nv, D] = dz @ W (compute dtype), 2 + 2 N D V FLOPs."""
+    cp, big, cq, big_r, g_y = coefs
+    dt = kept.p.dtype
+    hf = pol.h.to(dt)
+    dh = torch.zeros((hf.shape[0], hf.shape[1]), dtype=dt, device=hf.device) if needs.h else None
+    for c, (v0, v1) in enumerate(kept.bounds):
+        dz = kept.p[:, v0:v1].mul_((cp * torch.exp(kept.m[c] - big))[:, None])
+        if kept.q is not None:
+            dz.add_(kept.q[:, v0:v1].mul_((cq * torch.exp(kept.mr[c] - big_r))[:, None]))
+        _onehot_add(dz, y, g_y, v0, v1)
+        if needs.w:
+            acc.dw[v0:v1] += dz.t() @ hf
+        if needs.b:
+            acc.db[v0:v1] += dz.sum(0)
+        if needs.h:
+            dh += dz @ pol.w[v0:v1].to(dt)
+        del dz
+    return dh
+
+
 def _log_mixture(logp, logq, mix):
     """log((1 - mix) p + mix q) in a new buffer (two while it is computed)."""
     out = logp + math.log1p(-mix)
@@ -240,7 +325,7 @@ def _onehot_add(dz, y, g, v0, v1):
     dz[rows, y[rows] - v0] += g[rows]
 
 
-def backward(call, pol: Head, ref: Head | None, y, saved, grads, needs: Needs, dh_dtype=None):
+def backward(call, pol: Head, ref: Head | None, y, saved, grads, needs: Needs, dh_dtype=None, acc=None):
     """(dH [Nv, D] or None, dW [V, D] or None, db [V] or None) of sum_i <grads_i, outputs_i> w.r.t.
     the policy head, one recompute of the logits (both heads' for a two-head call).
 
@@ -252,7 +337,8 @@ def backward(call, pol: Head, ref: Head | None, y, saved, grads, needs: Needs, d
         JSD:            g (1 - mix) p (log p - log m - kls)      aux = KL(p || m)
     + g_lp (onehot(y) - p) on two-head calls with log-probs, + the statistics' gradient, then the
     cap's and scale's chain. dH accumulates in the compute dtype (returned in dh_dtype if given,
-    else h's dtype)."""
+    else h's dtype). With acc (fusedpref._library.Accumulated) dW and db are added into acc.dw,
+    acc.db instead of allocated (and None is returned for them)."""
     dt = acc_dtype(pol.h.dtype)
     hf = pol.h.to(dt)
     lse = saved.lse.to(dt)
@@ -305,16 +391,22 @@ def backward(call, pol: Head, ref: Head | None, y, saved, grads, needs: Needs, d
     n, d = hf.shape
     vocab = pol.w.shape[0]
     dh = torch.zeros((n, d), dtype=dt, device=hf.device) if needs.h else None
-    dw = config.empty((vocab, d), pol.w.dtype, pol.w.device) if needs.w else None
-    db = config.empty((vocab,), dt, pol.w.device) if needs.b else None
+    dw = config.empty((vocab, d), pol.w.dtype, pol.w.device) if needs.w and acc is None else None
+    db = config.empty((vocab,), dt, pol.w.device) if needs.b and acc is None else None
     parts = 1 + (pol.xf != Transform()) + (ref is not None) + keep_logp + (g_stats is not None) + \
         2 * (div == Divergence.JSD)              # (the log mixture: two while it is computed)
     for v0, v1 in _chunks(pol, parts):
         dz = chunk_dz(v0, v1)
         if needs.w:        # (a chunk x D temporary; FlopCounterMode does not count mm's out= variant)
-            dw[v0:v1] = dz.t() @ hf
+            if acc is None:
+                dw[v0:v1] = dz.t() @ hf
+            else:
+                acc.dw[v0:v1] += dz.t() @ hf
         if needs.b:
-            torch.sum(dz, 0, out=db[v0:v1])
+            if acc is None:
+                torch.sum(dz, 0, out=db[v0:v1])
+            else:
+                acc.db[v0:v1] += dz.sum(0)
         if needs.h:        # (an N x D temporary; FlopCounterMode does not count in-place addmm_)
             dh += dz @ pol.w[v0:v1].to(dt)
         del dz                                   # before the next chunk's buffers exist

@@ -143,6 +143,22 @@ def chunk_bytes(default_mb: float = 32) -> int:
     return int(mb * 2**20)
 
 
+def kept_bytes(kept_mb=None, device=None) -> int:
+    """The budget of the gradients-in-forward path's kept logits (rows x V buffers of one chunk of
+    pairs): kept_mb, else FUSEDPREF_KEPT_MB, else FUSEDPREF_CHUNK_MB, else 1024 MiB on CUDA and 8 MiB
+    on the CPU (the torch backend's chunk budget: its memory stays the recompute path's unless asked
+    for more)."""
+    if kept_mb is None and os.environ.get("FUSEDPREF_KEPT_MB"):
+        kept_mb = float(os.environ["FUSEDPREF_KEPT_MB"])
+    if kept_mb is not None:
+        if isinstance(kept_mb, bool) or not isinstance(kept_mb, (int, float)) or not kept_mb > 0:
+            raise ValueError(f"kept_mb must be a positive number of MiB, got {kept_mb!r}")
+        return int(kept_mb * 2**20)
+    if chunk_bytes_set():
+        return chunk_bytes()
+    return (1024 if device is not None and device.type == "cuda" else 8) * 2**20
+
+
 def chunk_bytes_set() -> bool:
     return bool(os.environ.get("FUSEDPREF_CHUNK_MB"))
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from . import _dtensor, _library
 from ._checks import (autocast_dtype, check_head, check_ignore_index, check_mix, check_scale, check_softcap,
                       check_targets, check_temperature, resolve_backend)
-from ._spec import FROZEN_MODES, Backend, Divergence, FrozenMode, HeadCall, Needs, Transform
+from ._spec import FROZEN_MODES, Backend, Divergence, FrozenMode, Head, HeadCall, Needs, Transform
 from .distributed import group_name
 
 Same = Literal["same"]
@@ -450,3 +450,85 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_we
                      process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     return run(call, targets, policy, ref).div
 
+
+
+# ---------------------------------------------------------------- gradients in forward
+
+class LossPlan(NamedTuple):
+    """A loss computed with its gradient inside the fused pass (fusedpref/api.py builds it):
+    call the head call (stats on; two heads for EXPO's exact KL), layout how rows group into
+    sequences and units (_library.LossRows), unit_grads(units, logp_seq, ref_seq, kl_seq) ->
+    (dL/dlogp [S], dL/dKL [S] or None) of those units' terms with the reduction's weight, total(logp_seq,
+    ref_seq, kl_seq) -> the loss value (the same [B]-sized maths as the recompute path), budget the
+    kept buffers' bytes."""
+    call: HeadCall
+    layout: object
+    unit_grads: object
+    total: object
+    budget: int
+
+
+class FusedLossFunction(torch.autograd.Function):
+    """The loss and its gradients in one pass (README "Gradients in forward"): forward computes the
+    loss, the sequences' log-probs (and the reference's and the KL) and the statistics, and dH, dW,
+    db of the loss; backward scales them by the upstream gradient, in place, and hands them over
+    (no second copy of dW: the engine takes the tensor as the gradient). A later backward through
+    the same graph (retain_graph=True) runs the fused pass again for its gradients. The
+    per-sequence outputs and statistics are not differentiable (they feed the metrics)."""
+
+    @staticmethod
+    def _pass(plan, needs, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets):
+        pol = Head(hidden, weight, bias, plan.call.policy)
+        ref = None if ref_hidden is None else Head(ref_hidden, ref_weight, ref_bias, plan.call.ref)
+        with torch.no_grad():
+            return _library.fused_loss(plan.call, pol, ref, targets, plan.layout, plan.unit_grads, plan.budget, needs)
+
+    @staticmethod
+    def forward(ctx, plan: LossPlan, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets):
+        grad = ctx.needs_input_grad
+        needs = Needs(grad[1], grad[2], bias is not None and grad[3])
+        logp_seq, ref_seq, kl_seq, stats, dh, dw, db = FusedLossFunction._pass(
+            plan, needs, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets)
+        with torch.no_grad():
+            loss = plan.total(logp_seq, ref_seq, kl_seq)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets)
+        ctx.plan, ctx.needs, ctx.grads = plan, needs, [dh, dw, db]
+        empty = logp_seq.new_empty(0)
+        outs = (logp_seq, empty if ref_seq is None else ref_seq, empty.clone() if kl_seq is None else kl_seq, stats)
+        ctx.mark_non_differentiable(*outs)
+        return (loss, *outs)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if grad_loss is None:
+            return (None,) * 8
+        inputs = ctx.saved_tensors
+        if ctx.grads is None:           # a second backward (retain_graph=True): the pass again
+            ctx.grads = list(FusedLossFunction._pass(ctx.plan, ctx.needs, *inputs)[-3:])
+        grads, ctx.grads = ctx.grads, None
+        grads = tuple(None if t is None or not need else t.mul_(grad_loss.to(t.dtype))
+                      for t, need in zip(grads, ctx.needs))
+        # a second derivative (create_graph=True) raises clearly, as the per-token heads'
+        return (None, *_grads_out(grads, inputs[:3]), None, None, None, None)
+
+
+def run_loss(plan: LossPlan, targets: Tensor, policy: HeadTensors, ref: Optional[HeadTensors] = None):
+    """FusedLossFunction on checked, autocast, flattened heads: (loss, logp_seq, ref_seq, kl_seq,
+    stats [*targets.shape, 4]); as run() for the checks."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError("fusedpref's fused heads do not run under torch.func transforms")
+    policy, ref = _autocast(policy, ref)
+    check_head(*policy)
+    y = check_targets(policy.hidden, targets)
+    if ref is not None:
+        check_pair(policy, ref)
+        ref = HeadTensors(*(None if t is None else t.detach() for t in ref))
+    call = replace(plan.call, backend=resolve_backend(plan.call.backend, policy.hidden.device, policy.hidden.dtype))
+    plan = plan._replace(call=call)
+    hidden = policy.hidden.reshape(-1, policy.hidden.shape[-1])
+    rh, rw, rb = (None, None, None) if ref is None else (ref.hidden.reshape(-1, ref.hidden.shape[-1]), ref.weight,
+                                                         ref.bias)
+    loss, logp_seq, ref_seq, kl_seq, stats = FusedLossFunction.apply(plan, hidden, policy.weight, policy.bias, rh, rw,
+                                                                     rb, y)
+    return loss, logp_seq, (ref_seq if ref is not None else None), (kl_seq if ref is not None else None), \
+        stats.view(*targets.shape, _library.N_STATS)

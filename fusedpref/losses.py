@@ -70,6 +70,8 @@ class LossSpec:
     smoothing: bool       # takes label_smoothing
     normalised: bool      # already length-normalises (average_log_prob would divide twice)
     beta_zero: bool = False   # beta = 0 is a meaningful limit (EXPO's lambda -> 0; a loss that ignores beta)
+    decomposable: bool = True  # each pair's gradient depends on the others only through the reduction
+    # (every loss is linear in Pairs.nll, the batch's NLL term: the gradients-in-forward path relies on it)
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -77,9 +79,10 @@ NLL_LOSSES = {"sft", "cpo", "orpo"}     # the losses with TRL's NLL term (Pairs.
 
 
 def register(name, *, needs_ref=True, params=None, rewards="ratio", smoothing=False, normalised=False,
-             beta_zero=False):
+             beta_zero=False, decomposable=True):
     def deco(fn):
-        LOSSES[name] = LossSpec(fn, needs_ref, dict(params or {}), rewards, smoothing, normalised, beta_zero)
+        LOSSES[name] = LossSpec(fn, needs_ref, dict(params or {}), rewards, smoothing, normalised, beta_zero,
+                                decomposable)
         return fn
     return deco
 
@@ -134,14 +137,14 @@ def sppo_hard(p: Pairs):
     return (p.chosen_logratio - 0.5 / p.beta) ** 2 + (p.rejected_logratio + 0.5 / p.beta) ** 2
 
 
-@register("aot", smoothing=True)
+@register("aot", smoothing=True, decomposable=False)
 def aot(p: Pairs):
     # couples the batch: sorted policy log-ratios against sorted reference log-ratios
     delta = torch.sort(p.chosen - p.rejected).values - torch.sort(p.ref_chosen - p.ref_rejected).values
     return _smoothed_sigmoid(p.beta * delta, p.label_smoothing)
 
 
-@register("aot_unpaired", smoothing=True)
+@register("aot_unpaired", smoothing=True, decomposable=False)
 def aot_unpaired(p: Pairs):
     delta = torch.sort(p.chosen_logratio).values - torch.sort(p.rejected_logratio).values
     return _smoothed_sigmoid(p.beta * delta, p.label_smoothing)

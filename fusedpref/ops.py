@@ -10,6 +10,7 @@ fusedpref/_partials.py; this module never imports the torch backend.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -95,14 +96,15 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, row_scale: torch.
     )
 
 
-def _backward_chunks(pol: Head, needs: Needs, fill_dz, dh_dtype=None):
+def _backward_chunks(pol: Head, needs: Needs, fill_dz, dh_dtype=None, acc=None):
     """Drives a backward through vocabulary chunks of the logit gradient dz.
 
     fill_dz(dz_view, v0, v1, need_b) writes dz[:, v0:v1] (operand dtype) into dz_view
     [Nv, v1 - v0] and, with need_b, returns per-row-block fp32 column sums [blocks, v1 - v0] of the
     unrounded dz. Per chunk: dW[v0:v1] = dz^T @ h (one rounding, cuBLAS), db[v0:v1] = the sum of
     those partials, dH += dz @ W[v0:v1] into an fp32 accumulator (mm_acc kernel), rounded once
-    (to dh_dtype if given, else h's dtype).
+    (to dh_dtype if given, else h's dtype). With acc, dW and db are added into acc.dw, acc.db (fp32)
+    instead of allocated.
     """
     h, w = pol.h, pol.w
     n, d = h.shape
@@ -112,15 +114,21 @@ def _backward_chunks(pol: Head, needs: Needs, fill_dz, dh_dtype=None):
                             max_cols=schedule.DEFAULT_CHUNK_COLS)
     dz = config.empty((n, cols), h.dtype, h.device)
     dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if needs.h else None
-    dw = config.empty((vocab, d), w.dtype, w.device) if needs.w else None
-    db = config.empty((vocab,), torch.float32, w.device) if needs.b else None
+    dw = config.empty((vocab, d), w.dtype, w.device) if needs.w and acc is None else None
+    db = config.empty((vocab,), torch.float32, w.device) if needs.b and acc is None else None
     for v0, v1 in vocab_chunks(vocab, cols):
         dzc = dz[:, : v1 - v0]
         db_part = fill_dz(dzc, v0, v1, needs.b)
         if needs.w:
-            torch.mm(dzc.t(), h, out=dw[v0:v1])
+            if acc is None:
+                torch.mm(dzc.t(), h, out=dw[v0:v1])
+            else:
+                acc.dw[v0:v1] += torch.mm(dzc.t(), h).to(acc.dw.dtype)
         if needs.b:
-            torch.sum(db_part, dim=0, out=db[v0:v1])
+            if acc is None:
+                torch.sum(db_part, dim=0, out=db[v0:v1])
+            else:
+                acc.db[v0:v1] += db_part.sum(0).to(acc.db.dtype)
         if needs.h:
             _mm_acc(dzc, w[v0:v1], dh)
     return (dh.to(dh_dtype or h.dtype) if needs.h else None), dw, db
@@ -172,14 +180,23 @@ def logprob_partials_frozen(pol: Head, y, with_stats: bool) -> Partials:
     """The frozen-head sweep (kernels/frozen.py): the merged partials and argmax ids as
     logprob_partials', and acc_p [Nv, D] fp32 = sum_v exp(z_v - m) k(z_v) W[v] relative to the
     merged max m (2 N D V FLOPs of logits + 2 N D V of P @ W)."""
+    return _one_head_sweep(pol, y, with_stats)[0]
+
+
+def _one_head_sweep(pol: Head, y, with_stats: bool, keep: torch.Tensor | None = None):
+    """The one-head chunk sweep: per vocabulary chunk the fp32 logits, then P = k(z) exp(z - m_c)
+    (m_c the running max) and the chunk's partials. Without keep P is consumed, acc = alpha acc +
+    P @ W (the frozen path); with keep [Nv, V] (operand dtype) P is written into it (the gradients-
+    in-forward path). Returns (Partials, the running max after each chunk [chunks, Nv], chunks)."""
     h, w = pol.h, pol.w
     n, d = h.shape
     cols, chunks = _frozen_chunks(pol, 4)
     f = torch.float32
     z_buf = config.empty((n, cols), f, h.device)
-    p_buf = config.empty((n, cols), h.dtype, h.device)
-    acc = torch.zeros((n, d), dtype=f, device=h.device)
+    p_buf = config.empty((n, cols), h.dtype, h.device) if keep is None else None
+    acc = torch.zeros((n, d), dtype=f, device=h.device) if keep is None else None
     m_run = torch.full((n,), float("-inf"), dtype=f, device=h.device)
+    m_chunks = torch.empty((len(chunks), n), dtype=f, device=h.device)
     # per chunk, partials relative to its running max: planes as logprob_fwd_kernel's
     part = config.empty((ONE_HEAD if with_stats else 3, len(chunks), n), f, h.device)
     arg = config.empty((len(chunks), n), torch.int32, h.device) if with_stats else None
@@ -191,17 +208,19 @@ def logprob_partials_frozen(pol: Head, y, with_stats: bool) -> Partials:
         m_new = torch.maximum(m_run, _chunk_logits(pol, z_buf, v0, v1))
         tile_part = config.empty((len(FROZEN_FIELDS), n_tiles, n), f, h.device)
         tile_arg = config.empty((n_tiles, n), torch.int32, h.device) if with_stats else None
+        out = p_buf if keep is None else keep[:, v0:v1]
         chunk_probs_kernel[(n_blocks * n_tiles,)](
-            z_buf, y, m_new, p_buf, tile_part, tile_arg if with_stats else tile_part,
-            n, v0, v1 - v0, n_tiles, z_buf.stride(0), p_buf.stride(0), **xf,
+            z_buf, y, m_new, out, tile_part, tile_arg if with_stats else tile_part,
+            n, v0, v1 - v0, n_tiles, z_buf.stride(0), out.stride(0), **xf,
             STATS=with_stats, BLOCK_N=pt.BLOCK_N, BLOCK_V=pt.BLOCK_V, num_warps=pt.num_warps,
         )
         part[PLANES["m_z"], c] = m_new
         _fold_tiles(part, arg, c, tile_part, tile_arg, FROZEN_FIELDS, (("l_z", "l"), ("zy", "zy")))
-        alpha = torch.exp(m_run - m_new)                        # 0 before the first chunk
-        _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc, row_scale=alpha)
-        m_run = m_new
-    return Partials(*merge(part, arg), acc)
+        if keep is None:
+            alpha = torch.exp(m_run - m_new)                        # 0 before the first chunk
+            _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc, row_scale=alpha)
+        m_chunks[c] = m_run = m_new
+    return Partials(*merge(part, arg), acc), m_chunks, tuple(chunks)
 
 
 def _stats_grad_args(g_stats, stats, fallback):
@@ -211,7 +230,7 @@ def _stats_grad_args(g_stats, stats, fallback):
     return g_stats.float().contiguous(), stats.float().contiguous()
 
 
-def _logprob_backward(pol: Head, y, saved, grads, needs: Needs, dh_dtype):
+def _logprob_backward(pol: Head, y, saved, grads, needs: Needs, dh_dtype, acc=None):
     """Gradients of sum_i g_i * logp_i (+ sum_i <g_stats_i, stats_i>) w.r.t. the head."""
     h, w = pol.h, pol.w
     n, d = h.shape
@@ -236,7 +255,7 @@ def _logprob_backward(pol: Head, y, saved, grads, needs: Needs, dh_dtype):
         kind = "dz" if grads.stats is None else "dz_stats"
         return run(_tiles(kind, h, (triton.next_power_of_2(n), v1 - v0, d), run))
 
-    return _backward_chunks(pol, needs, fill, dh_dtype)
+    return _backward_chunks(pol, needs, fill, dh_dtype, acc)
 
 
 def _jsd_logs(mix):
@@ -285,6 +304,13 @@ def kl_partials_frozen(pol: Head, ref: Head, y, with_stats: bool) -> Partials:
     (kernels/frozen.py): the merged partials and argmax ids as kl_partials' (FORWARD_KL), and
     acc_p, acc_q [Nv, D] fp32 = sum_v exp(z_v - m_z) k(z_v) W[v] and sum_v exp(r_v - m_r) k(z_v) W[v]
     relative to the merged maxes. 4 N D V FLOPs of logits (both heads) + 4 N D V of P @ W and Q @ W."""
+    return _two_head_sweep(pol, ref, y, with_stats)[0]
+
+
+def _two_head_sweep(pol: Head, ref: Head, y, with_stats: bool, keep=None):
+    """The two-head (forward KL) chunk sweep, as _one_head_sweep with P and Q = k(z) exp(r - mr_c):
+    consumed into acc_p, acc_q, or written into keep = (kept_p, kept_q) [Nv, V]. Returns (Partials,
+    the running maxes after each chunk (m [chunks, Nv], mr [chunks, Nv]), chunks)."""
     h, w = pol.h, pol.w
     n, d = h.shape
     logp_on = y is not None
@@ -294,11 +320,15 @@ def kl_partials_frozen(pol: Head, ref: Head, y, with_stats: bool) -> Partials:
     f = torch.float32
     yk = y if logp_on else torch.full((n,), -1, dtype=torch.long, device=h.device)
     z_buf, r_buf = config.empty((n, cols), f, h.device), config.empty((n, cols), f, h.device)
-    p_buf, q_buf = config.empty((n, cols), h.dtype, h.device), config.empty((n, cols), h.dtype, h.device)
-    acc_p = torch.zeros((n, d), dtype=f, device=h.device)
-    acc_q = torch.zeros((n, d), dtype=f, device=h.device)
+    if keep is None:
+        p_buf, q_buf = config.empty((n, cols), h.dtype, h.device), config.empty((n, cols), h.dtype, h.device)
+        acc_p = torch.zeros((n, d), dtype=f, device=h.device)
+        acc_q = torch.zeros((n, d), dtype=f, device=h.device)
+    else:
+        acc_p = acc_q = None
     mz_run = torch.full((n,), float("-inf"), dtype=f, device=h.device)
     mr_run = mz_run.clone()
+    m_chunks = torch.empty((2, len(chunks), n), dtype=f, device=h.device)
     part = torch.zeros((len(PLANES), len(chunks), n), dtype=f, device=h.device)
     arg = config.empty((len(chunks), n), torch.int32, h.device) if with_stats else None
     pt = config.tiles("probs", h.device, h.dtype)
@@ -311,18 +341,21 @@ def kl_partials_frozen(pol: Head, ref: Head, y, with_stats: bool) -> Partials:
         mr_new = torch.maximum(mr_run, _chunk_logits(ref, r_buf, v0, v1))
         tile_part = config.empty((len(K), n_tiles, n), f, h.device)
         tile_arg = config.empty((n_tiles, n), torch.int32, h.device) if with_stats else None
+        po, qo = (p_buf, q_buf) if keep is None else (keep[0][:, v0:v1], keep[1][:, v0:v1])
         chunk_kl_probs_kernel[(n_blocks * n_tiles,)](
-            z_buf, r_buf, yk, mz_new, mr_new, p_buf, q_buf, tile_part, tile_arg if with_stats else tile_part,
-            n, v0, v1 - v0, n_tiles, z_buf.stride(0), p_buf.stride(0), **xf,
+            z_buf, r_buf, yk, mz_new, mr_new, po, qo, tile_part, tile_arg if with_stats else tile_part,
+            n, v0, v1 - v0, n_tiles, z_buf.stride(0), po.stride(0), **xf,
             STATS=with_stats, BLOCK_N=pt.BLOCK_N, BLOCK_V=pt.BLOCK_V, num_warps=pt.num_warps,
         )
         part[PLANES["m_z"], c], part[PLANES["m_r"], c] = mz_new, mr_new
         _fold_tiles(part, arg, c, tile_part, tile_arg, K,
                     (("l_z", "l"), ("zy", "zy"), ("l_r", "l_r"), ("ry", "ry"), ("a", "a")))
-        _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc_p, row_scale=torch.exp(mz_run - mz_new))
-        _mm_acc(q_buf[:, : v1 - v0], w[v0:v1], acc_q, row_scale=torch.exp(mr_run - mr_new))
+        if keep is None:
+            _mm_acc(p_buf[:, : v1 - v0], w[v0:v1], acc_p, row_scale=torch.exp(mz_run - mz_new))
+            _mm_acc(q_buf[:, : v1 - v0], w[v0:v1], acc_q, row_scale=torch.exp(mr_run - mr_new))
         mz_run, mr_run = mz_new, mr_new
-    return Partials(*merge(part, arg, Divergence.FORWARD_KL), acc_p, acc_q)
+        m_chunks[0, c], m_chunks[1, c] = mz_new, mr_new
+    return Partials(*merge(part, arg, Divergence.FORWARD_KL), acc_p, acc_q), m_chunks, tuple(chunks)
 
 
 def jsd_sums(pol: Head, ref: Head, lse, rlse, mix: float):
@@ -344,7 +377,7 @@ def jsd_sums(pol: Head, ref: Head, lse, rlse, mix: float):
     return part[0].sum(0), part[1].sum(0)
 
 
-def _kl_backward(call, pol: Head, ref: Head, y, saved, grads, needs: Needs, dh_dtype):
+def _kl_backward(call, pol: Head, ref: Head, y, saved, grads, needs: Needs, dh_dtype, acc=None):
     """Gradients of sum_i g_i * div_i (+ sum_i g_lp_i * logp_i, given targets y; + the stats'
     upstream gradient) w.r.t. the policy's h, w, b: one recompute of both heads for all terms."""
     h, w, rh = pol.h, pol.w, ref.h
@@ -373,13 +406,71 @@ def _kl_backward(call, pol: Head, ref: Head, y, saved, grads, needs: Needs, dh_d
         )
         return db_part
 
-    return _backward_chunks(pol, needs, fill, dh_dtype)
+    return _backward_chunks(pol, needs, fill, dh_dtype, acc)
 
 
-def backward(call, pol: Head, ref: Head | None, y, saved, grads, needs: Needs, dh_dtype=None):
+def backward(call, pol: Head, ref: Head | None, y, saved, grads, needs: Needs, dh_dtype=None, acc=None):
     """(dH [Nv, D] or None, dW [V, D] or None, db [V] or None) of sum_i <grads_i, outputs_i> w.r.t.
     the policy head (fusedpref.chunked.backward has the formulas): per vocabulary chunk a dz kernel
     recomputes the logits (both heads' for a two-head call), then dW, db and the fp32 dH."""
     if ref is None:
-        return _logprob_backward(pol, y, saved, grads, needs, dh_dtype)
-    return _kl_backward(call, pol, ref, y, saved, grads, needs, dh_dtype)
+        return _logprob_backward(pol, y, saved, grads, needs, dh_dtype, acc)
+    return _kl_backward(call, pol, ref, y, saved, grads, needs, dh_dtype, acc)
+
+
+# ---------------------------------------------------------------- gradients in forward (kept P)
+
+class Kept(NamedTuple):
+    """As fusedpref.chunked.Kept: p (and q) [Nv, V] in the operand dtype, the running maxes m (mr)
+    [chunks, Nv] fp32 each chunk's P (Q) is relative to, and the chunks' bounds."""
+    p: torch.Tensor
+    m: torch.Tensor
+    q: torch.Tensor | None
+    mr: torch.Tensor | None
+    bounds: tuple
+
+
+def kept_partials(pol: Head, ref: Head | None, y, with_stats: bool):
+    """The gradients-in-forward path's forward: the frozen path's chunk sweep (kernels/frozen.py)
+    with P = k(z) exp(z - m_c) (and Q) kept in [Nv, V] buffers of the operand dtype instead of
+    consumed (2 N D V FLOPs per head): (Partials, Kept)."""
+    n, vocab = pol.h.shape[0], pol.w.shape[0]
+    keep_p = config.empty((n, vocab), pol.h.dtype, pol.h.device)
+    if ref is None:
+        part, m, bounds = _one_head_sweep(pol, y, with_stats, keep_p)
+        return part, Kept(keep_p, m, None, None, bounds)
+    keep_q = config.empty((n, vocab), pol.h.dtype, pol.h.device)
+    part, m, bounds = _two_head_sweep(pol, ref, y, with_stats, (keep_p, keep_q))
+    return part, Kept(keep_p, m[0], keep_q, m[1], bounds)
+
+
+def kept_backward(pol: Head, y, kept: Kept, coefs, needs: Needs, acc):
+    """As fusedpref.chunked.kept_backward: per kept chunk, dz = cp exp(m_c - M) P (+ cq exp(mr_c - Mr)
+    Q) + onehot(y) g_y formed in fp32 and rounded once into the kept buffer (the operand dtype, as the
+    recompute path's dz), then dW[c] (cuBLAS), db[c] and dH += dz @ W[c] (mm_acc, fp32). acc.dw,
+    acc.db accumulate over pair chunks (fp32); returns dH [Nv, D] fp32."""
+    cp, big, cq, big_r, g_y = coefs
+    h, w = pol.h, pol.w
+    n, d = h.shape
+    dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if needs.h else None
+    rows = torch.arange(n, device=h.device)
+    for c, (v0, v1) in enumerate(kept.bounds):
+        dz = kept.p[:, v0:v1]
+        dz32 = dz.float().mul_((cp * torch.exp(kept.m[c] - big))[:, None])
+        if kept.q is not None:
+            dz32.add_(kept.q[:, v0:v1].float().mul_((cq * torch.exp(kept.mr[c] - big_r))[:, None]))
+        here = (y >= v0) & (y < v1)
+        dz32.index_put_((rows[here], y[here] - v0), g_y[here], accumulate=True)
+        dz.copy_(dz32)
+        if needs.b:
+            acc.db[v0:v1] += dz32.sum(0)
+        del dz32
+        if needs.w:
+            part = torch.mm(dz.t(), h)
+            if acc.dw.dtype == part.dtype:
+                acc.dw[v0:v1] += part
+            else:
+                acc.dw[v0:v1] += part.float()
+        if needs.h:
+            _mm_acc(dz, w[v0:v1], dh)
+    return dh

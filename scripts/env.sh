@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FUSEDPREF_VENV:-$ROOT/.venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, triton, fusedpref, pytest, hypothesis" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, triton, fusedpref, pytest, hypothesis, xdist" 2>/dev/null; then
     echo "[fusedpref] creating environment in $VENV" >&2
     python3 -m venv "$VENV"
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, triton,
     fi
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-    "$VENV/bin/python" -m pip install -q triton numpy pytest hypothesis pytest-benchmark matplotlib tqdm 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -m pip install -q triton numpy pytest pytest-xdist hypothesis pytest-benchmark matplotlib tqdm 2>&1 | grep -v "^WARNING: Location" || true
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
     "$VENV/bin/python" -c "import torch, triton, fusedpref; print('[fusedpref] torch', torch.__version__, 'triton', triton.__version__)" >&2
 fi

@@ -59,8 +59,8 @@ def _transient(case, frozen, v=V):
     return mem.transient, mem.at_peak
 
 
-@pytest.mark.parametrize("case,frozen", [(c, False) for c in CASES] + [("sigmoid", True), ("expo", True),
-                                                                       ("ipo+softcap", True)],
+@pytest.mark.parametrize("case,frozen", [(c, False) for c in CASES] + [
+    pytest.param(c, True, marks=pytest.mark.slow) for c in ("sigmoid", "expo", "ipo+softcap")],
                          ids=lambda x: {False: "trainable", True: "frozen"}.get(x, x) if isinstance(x, bool) else x)
 def test_transient_memory_is_the_chunk_budget_plus_a_few_rows_buffers(case, frozen):
     got, at_peak = _transient(case, frozen)

@@ -49,7 +49,8 @@ def _expo_flops(trainable_head, frozen="auto"):
     y[:, :6] = -100
     out = {}
     fwd = _count(lambda: out.setdefault("loss", fusedpref.preference_loss(
-        h, w, y, loss_type="expo", ref_hidden=rh, ref_weight=rw, backend="torch", frozen=frozen)[0]))
+        h, w, y, loss_type="expo", ref_hidden=rh, ref_weight=rw, backend="torch", frozen=frozen,
+        grad_in_forward=False)[0]))      # the recompute path (gradients in forward: tests/test_grad_in_forward.py)
     bwd = _count(lambda: out["loss"].backward())
     return fwd, bwd, int((y != -100).sum())
 

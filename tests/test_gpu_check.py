@@ -5,7 +5,7 @@ import re
 import subprocess
 import pytest
 
-pytestmark = pytest.mark.slow   # runs bench/gpu_check.sh in a subprocess
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gloo")]   # bench/gpu_check.sh in a subprocess (a gloo port)
 
 
 def test_plan_fits_in_480_seconds():

@@ -43,8 +43,9 @@ def test_registry_has_every_loss():
 
 
 def _compare(backend, loss_type, *, reduction="mean", seed=0, targets_dtype=torch.int64, ignore_index=-100,
-             nll=False, **kw):
-    """fused vs eager fp32 vs float64 oracle: loss, every metric, dH, dW, db under the rule."""
+             nll=False, fused_kw=None, **kw):
+    """fused vs eager fp32 vs float64 oracle: loss, every metric, dH, dW, db under the rule (fused_kw:
+    options of the fused call only, e.g. its path)."""
     h0, w0, b0, y, rh, rw = _batch(seed)
     if ignore_index != -100:
         y = torch.where(y == -100, torch.full_like(y, ignore_index), y)
@@ -74,7 +75,8 @@ def _compare(backend, loss_type, *, reduction="mean", seed=0, targets_dtype=torc
         grads = torch.autograd.grad(loss, (h, w, b), g)   # a non-uniform upstream gradient for "none"
         return loss, metrics, grads
 
-    fused = run(lambda *a, **k: fusedpref.preference_loss(*a, backend=backend, **k), torch.float32)
+    fused = run(lambda *a, **k: fusedpref.preference_loss(*a, backend=backend, **(fused_kw or {}), **k),
+                torch.float32)
     eager = run(trl_loss, torch.float32)
     oracle = run(trl_loss, torch.float64)
     assert fused[0].shape == oracle[0].shape == ((B,) if reduction == "none" else ())

@@ -8,7 +8,9 @@ import torch.distributed as dist
 from dist_helpers import run_ranks
 from helpers import optional
 
-pytestmark = pytest.mark.slow   # gloo ranks in subprocesses
+# gloo ranks in subprocesses; one xdist worker runs every gloo test (scripts/test.sh: --dist loadgroup), so that
+# no two pick the same free port at once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gloo")]
 
 optional("trl")
 

@@ -13,7 +13,7 @@ import torch
 
 from . import __doc__ as BENCH_DOC
 from .measure import _worker, matmul_tflops, run_provider
-from .providers import ALL_PROVIDERS, CPU_DEFAULT_PROVIDERS, STANDARD, TRAINABLE, available, is_expo
+from .providers import ALL_PROVIDERS, CPU_DEFAULT_PROVIDERS, RECOMPUTE, STANDARD, TRAINABLE, available, is_expo
 from .report import CSV_COLS, _meta, plot, print_table
 
 
@@ -33,6 +33,8 @@ def run(argv=None):
     p.add_argument("--loss-type", default="sigmoid", help="any registered loss (default: %(default)s)")
     p.add_argument("--beta", type=float, default=0.1, help="the loss's beta (default: %(default)s)")
     p.add_argument("--frozen", action="store_true", help="frozen LM head (no dW), the LoRA case")
+    p.add_argument("--recompute", action="store_true",
+                   help="also run each fused provider on the recompute path (grad_in_forward=False), side by side")
     p.add_argument("--providers", default=",".join(ALL_PROVIDERS if cuda else CPU_DEFAULT_PROVIDERS),
                    help="comma-separated subset of " + ",".join(ALL_PROVIDERS) + " (unavailable ones are "
                    "skipped; default: all on GPU, " + ",".join(CPU_DEFAULT_PROVIDERS) + " on the CPU)")
@@ -74,6 +76,9 @@ def run(argv=None):
     if a.frozen:   # the fused heads' one-pass frozen path beside their standard frozen path and a trainable head
         providers = [v for x in providers
                      for v in ((x, f"{x}:{STANDARD}", f"{x}:{TRAINABLE}") if x.startswith("fused-") else (x,))]
+    if a.recompute:   # the fused heads' default (gradients in forward) beside their recompute path
+        providers = [v for x in providers for v in ((x, f"{x}:{RECOMPUTE}") if x.startswith("fused-") and ":" not in x
+                                                    else (x,))]
     skipped = [x for x in wanted if x not in providers]
     shape = (a.pairs, a.seq, a.d, a.v)
     meta = _meta(device, dtype)

@@ -6,14 +6,15 @@ import torch
 
 
 
-ALL_PROVIDERS = ("eager", "compile", "fused-torch", "fused-triton", "trl", "liger", "cce")
+ALL_PROVIDERS = ("eager", "compile", "fused-torch", "fused-triton", "torch", "trl", "liger", "cce")
 TRL_CHUNK = 32768   # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
 # the CPU default keeps the run under a minute on 2 cores; compile and liger run there too when
 # asked for (--providers)
-CPU_DEFAULT_PROVIDERS = ("eager", "fused-torch")
+CPU_DEFAULT_PROVIDERS = ("eager", "fused-torch", "torch")
 # with --frozen each fused provider also runs as "<provider>:standard" (frozen="standard",
-# the 6 N D V frozen path) and "<provider>:trainable" (the head requires grad), side by side
-STANDARD, TRAINABLE = "standard", "trainable"
+# the 6 N D V frozen path) and "<provider>:trainable" (the head requires grad), side by side; with
+# --recompute as "<provider>:recompute" (grad_in_forward=False: the 8 N D V recompute path)
+STANDARD, TRAINABLE, RECOMPUTE = "standard", "trainable", "recompute"
 
 
 def split_variant(provider):
@@ -49,8 +50,9 @@ def make_inputs(pairs, seq, d, v, dtype, device, prompt_frac=0.5, seed=0, ref_he
 
 
 def flop_count(targets, d, v, expo=False, frozen=False):
-    """The useful matmul work per forward+backward, in units of N_valid * D * V: 8 for a trainable
-    head (forward, recompute, dW, dH), 6 frozen; EXPO's one pass over two heads: 12, frozen 10."""
+    """The matmul work of the recompute path per forward+backward, in units of N_valid * D * V (the
+    TFLOP/s column's yardstick, the same for every provider): 8 for a trainable head (forward,
+    recompute, dW, dH), 6 frozen; EXPO's one pass over two heads: 12, frozen 10."""
     units = (12 if expo else 8) - (2 if frozen else 0)
     return units * int((targets != -100).sum()) * d * v
 
@@ -100,6 +102,8 @@ def available(provider, device):
             import cut_cross_entropy  # noqa: F401
         except Exception:
             return False
+    if provider == "torch":
+        return hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
     if provider == "trl":
         try:
             from trl.kernels import ChunkedLogProbFunction  # noqa: F401
@@ -123,12 +127,26 @@ def loss_fn(provider, loss_type, beta):
     if provider in ("fused-torch", "fused-triton"):
         backend = provider.split("-")[1]
         frozen = "standard" if variant == STANDARD else "auto"
+        gif = False if variant == RECOMPUTE else None
 
         def fused(h, w, y, r):
             ref = dict(ref_hidden=r[0], ref_weight=r[1]) if isinstance(r, tuple) else dict(ref_logps=r)
             return fusedpref.preference_loss(h, w, y, loss_type=loss_type, beta=beta, backend=backend, frozen=frozen,
-                                             **ref)[0]
+                                             grad_in_forward=gif, **ref)[0]
         return fused
+    if provider == "torch":
+        if is_expo(loss_type):
+            raise ValueError("the torch provider gives per-token NLL only: no vocabulary KL for expo")
+
+        def torch_lce(h, w, y, r):
+            # PyTorch's own fused head (torch >= 2.13): the chunked path, reduction="none" (its
+            # recompute backward), the valid rows only, summed per sequence
+            mask = y != -100
+            nll = torch.nn.functional.linear_cross_entropy(h[mask], w, y[mask], reduction="none",
+                                                           options=torch.nn.LinearCrossEntropyOptions())
+            tok = nll.new_zeros(mask.shape).masked_scatter(mask, nll)
+            return _pair_loss(-tok.float().sum(-1), r, y, loss_type, beta)
+        return torch_lce
     if provider == "trl":
         if is_expo(loss_type):
             raise ValueError("the trl provider gives per-token log-probs only: no vocabulary KL for expo")
