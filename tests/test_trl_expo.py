@@ -42,20 +42,25 @@ def _hidden(model, inputs):
     return out.last_hidden_state[:, :-1]
 
 
+def _trainer_and_direct(trainer, **loss_kw):
+    """(the trainer's loss on one batch, preference_loss's (loss, metrics) on the same hidden states)."""
+    inputs = _batch(trainer)
+    loss_trainer = trainer.compute_loss(trainer.model, inputs)
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    with torch.no_grad():
+        ref_h = _hidden(trainer.ref_model, inputs)
+    return loss_trainer, fusedpref.preference_loss(_hidden(trainer.model, inputs), trainer.model.lm_head.weight,
+                                                   labels, beta=0.5, ref_hidden=ref_h,
+                                                   ref_weight=trainer.ref_model.lm_head.weight, **loss_kw)
+
+
 @pytest.mark.parametrize("loss", ["expo", "expo+sft"])
 def test_the_trainers_loss_is_fusedprefs_expo_on_the_same_hidden_states(loss, patched, tmp_path):
     types, weights = (["expo"], None) if loss == "expo" else (["expo", "sft"], [1.0, 0.25])
     trainer = DPOTrainer(model=T.model(), ref_model=T.model(seed=1), args=_config(tmp_path, loss_type=types,
                                                                                   loss_weights=weights),
                          train_dataset=T.preference_data(), processing_class=T.tokenizer())
-    inputs = _batch(trainer)
-    loss_trainer = trainer.compute_loss(trainer.model, inputs)
-    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
-    with torch.no_grad():
-        ref_h = _hidden(trainer.ref_model, inputs)
-    want, metrics = fusedpref.preference_loss(_hidden(trainer.model, inputs), trainer.model.lm_head.weight, labels,
-                                              loss_type=types, loss_weights=weights, beta=0.5, ref_hidden=ref_h,
-                                              ref_weight=trainer.ref_model.lm_head.weight)
+    loss_trainer, (want, metrics) = _trainer_and_direct(trainer, loss_type=types, loss_weights=weights)
     torch.testing.assert_close(loss_trainer, want, rtol=1e-6, atol=1e-7)
     logged = trainer._metrics["train"]
     for key in ("kl/chosen", "kl/rejected", "rewards/accuracies", "entropy", "logps/chosen", "mean_token_accuracy"):
@@ -137,14 +142,7 @@ def test_the_compacted_rows_branch_trl_takes_on_cuda(compact, patched, tmp_path,
     monkeypatch.setattr(utils, "_use_triton", lambda device: compact)
     trainer = DPOTrainer(model=T.model(), ref_model=T.model(seed=1), args=_config(tmp_path),
                          train_dataset=T.preference_data(), processing_class=T.tokenizer())
-    inputs = _batch(trainer)
-    loss_trainer = trainer.compute_loss(trainer.model, inputs)
-    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
-    with torch.no_grad():
-        ref_h = _hidden(trainer.ref_model, inputs)
-    want, _ = fusedpref.preference_loss(_hidden(trainer.model, inputs), trainer.model.lm_head.weight, labels,
-                                        loss_type="expo", beta=0.5, ref_hidden=ref_h,
-                                        ref_weight=trainer.ref_model.lm_head.weight)
+    loss_trainer, (want, _) = _trainer_and_direct(trainer, loss_type="expo")
     torch.testing.assert_close(loss_trainer, want, rtol=1e-6, atol=1e-7)
 
 
