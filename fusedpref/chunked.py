@@ -134,20 +134,34 @@ def logprob_partials(pol: Head, y, with_stats: bool) -> Partials:
 def logprob_partials_frozen(pol: Head, y, with_stats: bool) -> Partials:
     """The frozen head's sweep: per chunk the logits (2 n D C FLOPs), then acc = alpha acc +
     (p k) @ W_chunk (2 n D C): the partials and acc_p [Nv, D] relative to the pass's max."""
+    run, acc, _, _ = _one_head_sweep(pol, y, with_stats)
+    return Partials(*run.planes(), acc)
+
+
+def _one_head_sweep(pol: Head, y, with_stats: bool, keep=None):
+    """Per vocabulary chunk the logits, then P = k(z) exp(z - m_c) (m_c the running max). Without
+    keep P is consumed, acc = alpha acc + P @ W (the frozen path); with keep [Nv, V] it is written
+    into it (gradients in forward). Returns (the online pass, acc or None, the running max after
+    each chunk [chunks, Nv] or None, the chunks)."""
     n, dd = pol.h.shape
     hf = pol.h.to(acc_dtype(pol.h.dtype))
     run = _OnlinePass(n, pol.h.device, y, with_stats, hf.dtype)
-    acc = torch.zeros((n, dd), dtype=hf.dtype, device=hf.device)
+    acc = torch.zeros((n, dd), dtype=hf.dtype, device=hf.device) if keep is None else None
     # live: z (then p), the chain with a cap or scale, p apart with stats
-    for v0, v1 in _chunks(pol, parts=1 + (pol.xf != Transform()) + with_stats):
+    bounds = tuple(_chunks(pol, parts=1 + (pol.xf != Transform()) + with_stats))
+    m = torch.empty((len(bounds), n), dtype=hf.dtype, device=hf.device) if keep is not None else None
+    for c, (v0, v1) in enumerate(bounds):
         z = chunk_logits(pol, hf, v0, v1)
         chain = transform_grad(z, pol.xf)                # before add: with stats it overwrites z
         alpha, p = run.add(z, v0, v1)
         if chain is not None:
             p = p.mul_(chain)
-        acc = torch.addmm(acc.mul_(alpha[:, None]), p, pol.w[v0:v1].to(hf.dtype))   # (FlopCounterMode counts addmm)
+        if keep is None:
+            acc = torch.addmm(acc.mul_(alpha[:, None]), p, pol.w[v0:v1].to(hf.dtype))   # (FlopCounterMode counts addmm)
+        else:
+            keep[:, v0:v1], m[c] = p, run.m
         del z, p, chain                          # before the next chunk's buffers exist
-    return Partials(*run.planes(), acc)
+    return run, acc, m, bounds
 
 
 class Kept(NamedTuple):
@@ -163,50 +177,16 @@ class Kept(NamedTuple):
 
 
 def kept_partials(pol: Head, ref: Head | None, y, with_stats: bool):
-    """The forward of the gradients-in-forward path over this vocabulary: the partials (as
-    logprob_partials / kl_partials with the forward KL) and the Kept buffers, in the compute dtype
-    (2 N D V FLOPs per head)."""
-    n = pol.h.shape[0]
-    vocab = pol.w.shape[0]
-    dt = acc_dtype(pol.h.dtype)
-    hf = pol.h.to(dt)
-    keep_p = torch.empty((n, vocab), dtype=dt, device=hf.device)
-    p_run = _OnlinePass(n, hf.device, y, with_stats, dt)
-    bounds = tuple(_chunks(pol, parts=3 + with_stats + (ref is not None) * 2))
-    m = torch.empty((len(bounds), n), dtype=dt, device=hf.device)
+    """The forward of the gradients-in-forward path over this vocabulary: the frozen path's sweep
+    with P (and Q) kept instead of consumed: (Partials as logprob_partials / kl_partials with the
+    forward KL, Kept) in the compute dtype (2 N D V FLOPs per head)."""
+    keep_p = torch.empty((pol.h.shape[0], pol.w.shape[0]), dtype=acc_dtype(pol.h.dtype), device=pol.h.device)
     if ref is None:
-        for c, (v0, v1) in enumerate(bounds):
-            z = chunk_logits(pol, hf, v0, v1)
-            chain = transform_grad(z, pol.xf)            # before add overwrites z
-            _, pz = p_run.add(z, v0, v1)
-            keep_p[:, v0:v1] = pz if chain is None else pz.mul_(chain)
-            m[c] = p_run.m
-            del z, pz, chain
-        return Partials(*p_run.planes()), Kept(keep_p, m, None, None, bounds)
-    rhf = ref.h.to(dt)
+        run, _, m, bounds = _one_head_sweep(pol, y, with_stats, keep_p)
+        return Partials(*run.planes()), Kept(keep_p, m, None, None, bounds)
     keep_q = torch.empty_like(keep_p)
-    mr = torch.empty_like(m)
-    r_run = _OnlinePass(n, hf.device, y, dtype=dt)
-    a = torch.zeros(n, device=hf.device, dtype=dt)
-    for c, (v0, v1) in enumerate(bounds):      # as _kl_sweep's forward KL, keeping p and q
-        z, r = chunk_logits(pol, hf, v0, v1), chunk_logits(ref, rhf, v0, v1)
-        chain = transform_grad(z, pol.xf)
-        m1_old, m2_old, l1_old = r_run.m, p_run.m, r_run.l
-        m1_new, m2_new = torch.maximum(m1_old, r.amax(1)), torch.maximum(m2_old, z.amax(1))
-        diff = (r - m1_new[:, None]).sub_(z).add_(m2_new[:, None])
-        alpha_r, pr = r_run.add(r, v0, v1)
-        _, pz = p_run.add(z, v0, v1)
-        shift = torch.where(l1_old > 0, (m1_old - m1_new) - (m2_old - m2_new), 0.0)
-        a = alpha_r * (a + l1_old * shift) + torch.einsum("ij,ij->i", pr, diff)
-        keep_p[:, v0:v1] = pz if chain is None else pz.mul_(chain)
-        keep_q[:, v0:v1] = pr if chain is None else pr.mul_(chain)
-        m[c], mr[c] = p_run.m, r_run.m
-        del z, r, diff, pr, pz, chain
-    planes, arg = p_run.planes()
-    if not with_stats:
-        planes = torch.cat([planes, planes.new_zeros((4, planes.shape[1]))])
-    planes = torch.cat([planes, torch.stack([r_run.m, r_run.l, a, r_run.zy])])
-    return Partials(planes, arg), Kept(keep_p, m, keep_q, mr, bounds)
+    part, (m, mr, bounds) = _kl_sweep(pol, ref, y, with_stats, Divergence.FORWARD_KL, False, (keep_p, keep_q))
+    return part, Kept(keep_p, m, keep_q, mr, bounds)
 
 
 def kept_backward(pol: Head, y, kept: Kept, coefs, needs: Needs, acc):
@@ -240,9 +220,11 @@ def _log_mixture(logp, logq, mix):
     return torch.logaddexp(out, logq + math.log(mix), out=out)
 
 
-def _kl_sweep(pol: Head, ref: Head, y, with_stats, div: Divergence, frozen: bool):
-    """The two-head pass: (policy pass, reference pass, a, acc_p, acc_q), a relative to both final
-    maxes (the JSD: none), acc_* the frozen head's softmax-weighted sums of W rows (frozen only)."""
+def _kl_sweep(pol: Head, ref: Head, y, with_stats, div: Divergence, frozen: bool, keep=None):
+    """The two-head pass: Partials (a relative to both final maxes; the JSD: none; acc_p, acc_q the
+    frozen head's softmax-weighted sums of W rows, frozen only). With keep = (kept_p, kept_q) [Nv, V]
+    (forward KL) P and Q are written into them instead, and (Partials, (m, mr [chunks, Nv], the
+    chunks)) is returned."""
     n = pol.h.shape[0]
     hf = pol.h.to(acc_dtype(pol.h.dtype))
     rhf = ref.h.to(hf.dtype)
@@ -253,15 +235,19 @@ def _kl_sweep(pol: Head, ref: Head, y, with_stats, div: Divergence, frozen: bool
     if frozen:   # the softmax-weighted sums of the policy's W rows under p and p_ref (forward KL only)
         acc_p = torch.zeros(pol.h.shape, device=hf.device, dtype=hf.dtype)
         acc_q = torch.zeros_like(acc_p)
-    # live: z, r, their difference, p apart with stats, the chain of a frozen head
-    for v0, v1 in _chunks(pol, parts=3 + with_stats + frozen):
+    chained = frozen or keep is not None
+    # live: z, r, their difference, p apart with stats, the chain of a frozen or kept head
+    bounds = tuple(_chunks(pol, parts=3 + with_stats + chained))
+    if keep is not None:
+        marks = torch.empty((2, len(bounds), n), dtype=hf.dtype, device=hf.device)
+    for c, (v0, v1) in enumerate(bounds):
         z, r = chunk_logits(pol, hf, v0, v1), chunk_logits(ref, rhf, v0, v1)
         if div == Divergence.JSD:
             r_run.add(r, v0, v1)
             p_run.add(z, v0, v1)
             del z, r
             continue
-        chain = transform_grad(z, pol.xf) if frozen else None    # before p_run.add overwrites z
+        chain = transform_grad(z, pol.xf) if chained else None    # before p_run.add overwrites z
         # KL(first || second) relative to both running maxes; move a to the new maxes (nothing
         # to move before the first chunk), then add this chunk
         forward = div == Divergence.FORWARD_KL
@@ -274,16 +260,23 @@ def _kl_sweep(pol: Head, ref: Head, y, with_stats, div: Divergence, frozen: bool
         alpha, p1 = (alpha_r, p_r) if forward else (alpha_z, p_z)
         shift = torch.where(l1_old > 0, (m1_old - m1_new) - (m2_old - m2_new), 0.0)
         a = alpha * (a + l1_old * shift) + torch.einsum("ij,ij->i", p1, diff)
+        if chain is not None:
+            p_z, p_r = p_z.mul_(chain), p_r.mul_(chain)
         if frozen:
             wc = pol.w[v0:v1].to(hf.dtype)
-            acc_p = torch.addmm(acc_p.mul_(alpha_z[:, None]), p_z if chain is None else p_z.mul_(chain), wc)
-            acc_q = torch.addmm(acc_q.mul_(alpha_r[:, None]), p_r if chain is None else p_r.mul_(chain), wc)
+            acc_p = torch.addmm(acc_p.mul_(alpha_z[:, None]), p_z, wc)
+            acc_q = torch.addmm(acc_q.mul_(alpha_r[:, None]), p_r, wc)
+        if keep is not None:
+            keep[0][:, v0:v1], keep[1][:, v0:v1] = p_z, p_r
+            marks[0, c], marks[1, c] = p_run.m, r_run.m
         del z, r, diff, p_r, p_z, p1, chain, x, u      # before the next chunk's buffers exist
     planes, arg = p_run.planes()
     if not with_stats:
         planes = torch.cat([planes, planes.new_zeros((4, planes.shape[1]))])
     # (without targets both passes' target logits stayed 0)
     planes = torch.cat([planes, torch.stack([r_run.m, r_run.l, a, r_run.zy])])
+    if keep is not None:
+        return Partials(planes, arg), (marks[0], marks[1], bounds)
     return Partials(planes, arg, acc_p, acc_q)
 
 
