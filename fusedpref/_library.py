@@ -30,7 +30,7 @@ from . import chunked
 from ._checks import range_error
 from ._partials import PLANES, ONE_HEAD, Partials, acc_dtype, empty_partials, expectation, finish_kl, \
     finish_logprob, target_direction, transform_grad
-from ._spec import Divergence, Head, HeadCall, LossRows, Needs
+from ._spec import Divergence, Head, HeadCall, LossRows, Needs, SeqSums
 from .distributed import VocabShard, call_code
 
 N_STATS = 4   # columns of the statistics: sum of logits, entropy, argmax hit, log sum_v p^2
@@ -397,10 +397,10 @@ def fused_loss(call: HeadCall, pol: Head, ref: Head | None, targets: Tensor, lay
     gives dL/dlogp and dL/dKL of each sequence -> dz built in the kept buffers -> dH rows, dW, db
     accumulated. 2 (logits) + 2 (dH) + 2 (dW) N D V FLOPs, + 2 for a reference head in the pass. A
     unit too large for the budget alone takes two passes (the statistics, then the recompute
-    backward) inside the same forward.
+    backward) inside the same forward. unit_grads(units, SeqSums) -> (dL/dlogp [S], dL/dKL [S] or
+    None) of those units' terms; a row's log-prob enters its sequence's with layout.weight.
 
-    Returns (sequence log-probs [S], reference sequence log-probs [S] or None, sequence KL [S] or
-    None, per-row statistics [n, 4], dH [n, D] or None, dW or None, db or None)."""
+    Returns (SeqSums, per-row statistics [n, 4], dH [n, D] or None, dW or None, db or None)."""
     impl = _impl(call.backend)
     n = targets.shape[0]
     dt = acc_dtype(pol.h.dtype)
@@ -416,8 +416,10 @@ def fused_loss(call: HeadCall, pol: Head, ref: Head | None, targets: Tensor, lay
     buffers = 2 if ref is not None else 1
     chunks = _unit_chunks(per_unit, pol.w.shape[0] * elem, budget_bytes, buffers)
     logp_seq = torch.zeros(layout.n_seq, dtype=dt, device=dev)
-    ref_seq = torch.zeros_like(logp_seq) if ref is not None else None
-    kl_seq = torch.zeros_like(logp_seq) if ref is not None else None
+    sums = SeqSums(logp_seq, torch.zeros_like(logp_seq) if ref is not None else None,
+                   torch.zeros_like(logp_seq) if ref is not None else None,
+                   torch.zeros((layout.n_seq, N_STATS), dtype=dt, device=dev),
+                   logp_seq if layout.weight is None else torch.zeros_like(logp_seq))
     stats = pol.h.new_zeros((n, N_STATS), dtype=dt)
     dh = torch.zeros_like(pol.h) if needs.h else None
     acc = Accumulated(torch.zeros(pol.w.shape, dtype=torch.float32 if pol.w.dtype != torch.float64 else dt,
@@ -426,9 +428,9 @@ def fused_loss(call: HeadCall, pol: Head, ref: Head | None, targets: Tensor, lay
     unit_of_seq = torch.empty(layout.n_seq, dtype=torch.long, device=dev)
     unit_of_seq[layout.units.flatten()] = torch.arange(layout.units.shape[0], device=dev).repeat_interleave(
         layout.units.shape[1])
+    unit_of_row = unit_of_seq[seq_of_row]
     for first, last, kept in chunks:
-        in_chunk = valid & (unit_of_seq[seq_of_row] >= first) & (unit_of_seq[seq_of_row] < last)
-        idx = in_chunk.nonzero().squeeze(1)
+        idx = (valid & (unit_of_row >= first) & (unit_of_row < last)).nonzero().squeeze(1)
         y = targets.index_select(0, idx)
         p = pol._replace(h=pol.h.index_select(0, idx))
         r = None if ref is None else ref._replace(h=ref.h.index_select(0, idx))
@@ -445,14 +447,21 @@ def fused_loss(call: HeadCall, pol: Head, ref: Head | None, targets: Tensor, lay
         else:
             res = finish_kl(planes, part.arg, y, Divergence.FORWARD_KL)
         seqs = seq_of_row.index_select(0, idx)
-        logp_seq.index_add_(0, seqs, res["logp"].to(dt))
+        w_rows = None if layout.weight is None else layout.weight.index_select(0, idx).to(dt)
+        lp_rows = res["logp"].to(dt)
+        if w_rows is not None:
+            sums.raw_logp.index_add_(0, seqs, lp_rows)
+        logp_seq.index_add_(0, seqs, lp_rows if w_rows is None else lp_rows * w_rows)
         if ref is not None:
-            ref_seq.index_add_(0, seqs, res["ref_logp"].to(dt))
-            kl_seq.index_add_(0, seqs, res["div"].to(dt))
+            sums.ref_logp.index_add_(0, seqs, res["ref_logp"].to(dt) if w_rows is None else
+                                     res["ref_logp"].to(dt) * w_rows)
+            sums.kl.index_add_(0, seqs, res["div"].to(dt))
         stats.index_copy_(0, idx, res["stats"].to(dt))
-        units = layout.units[first:last]
-        g_logp, g_kl = unit_grads(units, logp_seq, ref_seq, kl_seq)      # [S] each (0 outside the chunk)
+        sums.stats.index_add_(0, seqs, res["stats"].to(dt))
+        g_logp, g_kl = unit_grads(layout.units[first:last], sums)      # [S] each (0 outside the chunk)
         g_lp = g_logp.index_select(0, seqs).to(dt)
+        if w_rows is not None:
+            g_lp = g_lp * w_rows
         g_div = None if g_kl is None else g_kl.index_select(0, seqs).to(dt)
         if kept:
             zy = planes[PLANES["zy"]]
@@ -472,4 +481,4 @@ def fused_loss(call: HeadCall, pol: Head, ref: Head | None, targets: Tensor, lay
             dh.index_copy_(0, idx, dh_rows.to(dh.dtype))
     dw = acc.dw.to(pol.w.dtype) if needs.w else None
     db = acc.db.to(pol.b.dtype) if needs.b else None
-    return logp_seq, ref_seq, kl_seq, stats, dh, dw, db
+    return sums, stats, dh, dw, db

@@ -118,7 +118,20 @@ class Needs(NamedTuple):
 class LossRows(NamedTuple):
     """How the flat rows of a loss computed in the fused pass group into sequences and units:
     seq [n] the sequence of each row; units [U, k] the sequences of each unit that has one loss
-    term (a preference pair: (i, i + B); a KTO sequence: (i,)), in unit order; n_seq sequences."""
+    term (a preference pair: (i, i + B); a KTO sequence: (i,)), in unit order; n_seq sequences;
+    weight [n] each row's weight in its sequence's log-prob (None: 1; LD-DPO's ld_alpha tail)."""
     seq: torch.Tensor
     units: torch.Tensor
     n_seq: int
+    weight: Optional[torch.Tensor] = None
+
+
+class SeqSums(NamedTuple):
+    """Per-sequence sums [S] of a fused loss pass (of the units done so far; 0 elsewhere): the
+    weighted log-prob, the reference's and the KL (two heads; else None), the statistics [S, 4]
+    and the unweighted log-prob (the same tensor as logp without row weights)."""
+    logp: torch.Tensor
+    ref_logp: Optional[torch.Tensor]
+    kl: Optional[torch.Tensor]
+    stats: torch.Tensor
+    raw_logp: torch.Tensor

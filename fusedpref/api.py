@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from . import _dtensor
 from ._checks import BACKENDS, check_ignore_index, check_softcap, resolve_backend
-from ._spec import Backend, FrozenMode, LossRows
+from ._spec import Backend, FrozenMode, LossRows, SeqSums
 from .config import kept_bytes
 from .functions import REF_NAMES, HeadTensors, LossPlan, Same, check_pair, make_call, ref_transform, run, run_loss, \
     transform
@@ -54,11 +54,35 @@ class _Heads:
         out = run(self.call(stats=stats), targets, policy)
         return out.logp.sum(-1), out.stats, out.vocab
 
-    def reference_logps(self, targets, ref: HeadTensors):
-        """Sequence log-probs of the reference head, forward only: no graph, nothing saved."""
+    def reference_logps(self, targets, ref: HeadTensors, token_weight=None):
+        """Sequence log-probs of the reference head (each token's times token_weight [rows, T] if
+        given), forward only: no graph, nothing saved."""
         with torch.no_grad():
             ref = HeadTensors(*(None if t is None else t.detach() for t in ref))
-            return run(self.call(head="ref"), targets, ref, names=REF_NAMES).logp.sum(-1)
+            logp = run(self.call(head="ref"), targets, ref, names=REF_NAMES).logp
+            return _weighted_sum(logp, token_weight)
+
+
+def _weighted_sum(logp, token_weight):
+    """Per-sequence sums of per-token log-probs [rows, T], each times token_weight if given."""
+    return logp.sum(-1) if token_weight is None else (logp * token_weight.to(logp.dtype)).sum(-1)
+
+
+def _ld_weights(mask, b, ld_alpha):
+    """LD-DPO's token weights [2B, T] (Liu et al. 2024, as TRL's ld_alpha): 1 on each pair's first
+    min(chosen, rejected) completion tokens, ld_alpha on the longer sequence's tail, 0 elsewhere."""
+    pos = mask.cumsum(-1)
+    lengths = mask.sum(-1)
+    shared = torch.minimum(lengths[:b], lengths[b:]).repeat(2)
+    return torch.where(pos <= shared[:, None], 1.0, float(ld_alpha)) * mask
+
+
+def _wpo_weights(raw_logps, log_sum_sq, lengths, b):
+    """WPO's pair weights [B] (Zhou et al. 2024, Eq. 2, as TRL's use_weighting): each sequence's
+    exp(mean over its tokens of log p(y_t) - log sum_v p(v)^2), chosen times rejected; constants
+    (no gradient)."""
+    w = torch.exp((raw_logps.detach() - log_sum_sq.detach()) / lengths)
+    return w[:b] * w[b:]
 
 
 def _head_options(softcap, logit_scale, temperature, ref_softcap, ref_logit_scale, ignore_index, backend, frozen,
@@ -150,10 +174,18 @@ class _PairLoss:
     gradients-in-forward path (so both give the same loss): Pairs from sequence log-probs, the
     length averaging, the weighted loss types, the reduction."""
 
-    def __init__(self, types, weights, params, beta, label_smoothing, reduction, average_log_prob, lengths, b):
+    def __init__(self, types, weights, params, beta, label_smoothing, reduction, average_log_prob, lengths, b,
+                 use_weighting=False):
         self.types, self.weights, self.params = types, weights, params
         self.beta, self.ls, self.reduction, self.avg = float(beta), float(label_smoothing), reduction, average_log_prob
-        self.lengths, self.b = lengths, b
+        self.lengths, self.b, self.use_weighting = lengths, b, use_weighting
+
+    def pair_weights(self, raw_logps, log_sum_sq):
+        """WPO's weights [B] from the unweighted sequence log-probs and the sequences' sums of
+        log sum_v p^2 (None without use_weighting)."""
+        if not self.use_weighting:
+            return None
+        return _wpo_weights(raw_logps, log_sum_sq.to(raw_logps.dtype), self.lengths.to(raw_logps.dtype), self.b)
 
     def pairs(self, logps, ref, kl, nll, rows=None):
         """{loss type: Pairs} of the pairs rows (chosen indices; default all B), EXPO's unaveraged."""
@@ -168,8 +200,10 @@ class _PairLoss:
         averaged = pairs.averaged() if self.avg else pairs
         return {t: pairs if (LOSSES[t].fn is LOSSES["expo"].fn) else averaged for t in self.types}
 
-    def losses(self, pairs_for):
-        return sum(w * LOSSES[t].fn(pairs_for[t]) for t, w in zip(self.types, self.weights))
+    def losses(self, pairs_for, pair_weights=None):
+        """The weighted sum of the loss types per pair, times each pair's WPO weight if given."""
+        out = sum(w * LOSSES[t].fn(pairs_for[t]) for t, w in zip(self.types, self.weights))
+        return out if pair_weights is None else out * pair_weights.to(out.dtype)
 
     def reduce(self, losses):
         return losses.mean() if self.reduction == "mean" else losses.sum() if self.reduction == "sum" else losses
@@ -178,13 +212,6 @@ class _PairLoss:
     def scale(self):
         """d(reduced loss) / d(each pair's loss)."""
         return 1.0 / self.b if self.reduction == "mean" else 1.0
-
-
-def _fits(mask, units, vocab, elem_bytes, buffers, budget) -> bool:
-    """Whether at least one unit (a pair, a KTO sequence) fits the kept budget alone: if none does,
-    the fused pass would take two passes for every unit, which is the recompute path."""
-    rows = mask.sum(-1)[units].sum(-1)
-    return bool((rows * vocab * elem_bytes * buffers <= budget).any())
 
 
 def _gif_blocker(grad_in_forward, types, reduction, policy: HeadTensors, group, frozen_head) -> Optional[str]:
@@ -205,6 +232,52 @@ def _gif_blocker(grad_in_forward, types, reduction, policy: HeadTensors, group, 
     return None
 
 
+def _choose_gif(grad_in_forward, blocker, mask, units, policy: HeadTensors, backend, buffers, kept_mb) -> bool:
+    """Whether the call takes the gradients-in-forward path: never with grad_in_forward=False;
+    with True wherever it can (else a ValueError saying why); by default where it can and at least
+    one unit (a pair, a KTO sequence) fits the kept budget alone (if none does, every unit would
+    take two passes: the recompute path's work)."""
+    if grad_in_forward is False:
+        return False
+    if blocker is not None:
+        if grad_in_forward:
+            raise ValueError(f"grad_in_forward=True cannot apply here: {blocker}; use grad_in_forward=None (the "
+                             "default picks the path) or False")
+        return False
+    if grad_in_forward:
+        return True
+    h = policy.hidden
+    # the kept buffers' element: the torch backend keeps fp32 (fp64 for fp64), Triton the operand dtype
+    elem = 8 if h.dtype == torch.float64 else 4 if resolve_backend(backend, h.device, h.dtype) == "torch" else \
+        h.element_size()
+    rows = mask.sum(-1)[units].sum(-1)
+    return bool((rows * policy.weight.shape[0] * elem * buffers <= kept_bytes(kept_mb, h.device)).any())
+
+
+class Metrics(dict):
+    """The metrics of preference_loss and kto_loss (a dict of 0-dim tensors, as TRL logs them)
+    with the per-sequence values behind them in `.sequences`, for reductions across ranks
+    (token-weighted where the metric is a token mean)."""
+
+    def __init__(self, metrics: dict, sequences: "Sequences"):
+        super().__init__(metrics)
+        self.sequences = sequences
+
+
+class Sequences(NamedTuple):
+    """The per-sequence values of a loss call (detached; rows as hidden's: preference_loss's 2B,
+    kto_loss's N): logps (as the loss uses them: weighted with ld_alpha, averaged with
+    average_log_prob in kto_loss), ref_logps or None, kl (EXPO's exact KL) or None, stats [rows, T, 4]
+    per token (sum of logits, entropy, argmax hit, log sum_v p^2; 0 on ignored positions), mask
+    [rows, T] the scored positions, vocab V."""
+    logps: Tensor
+    ref_logps: Optional[Tensor]
+    kl: Optional[Tensor]
+    stats: Tensor
+    mask: Tensor
+    vocab: int
+
+
 def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                     loss_type: Union[str, Sequence[str]] = "sigmoid", beta: float = 0.1,
                     bias: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
@@ -214,24 +287,37 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                     ref_softcap: Union[float, None, Same] = "same", ref_logit_scale: Union[float, None, Same] = "same",
                     label_smoothing: float = 0.0, loss_weights: Optional[Sequence[float]] = None,
                     reduction: Reduction = "mean", backend: Backend = "auto", average_log_prob: bool = False,
-                    nll_targets: Optional[Tensor] = None, frozen: FrozenMode = "auto",
+                    nll_targets: Optional[Tensor] = None, ld_alpha: Optional[float] = None,
+                    use_weighting: bool = False, frozen: FrozenMode = "auto",
                     grad_in_forward: Optional[bool] = None, kept_mb: Optional[float] = None, process_group=None,
-                    reduce_hidden_grad: bool = True, **loss_specific) -> tuple[Tensor, dict]:
+                    reduce_hidden_grad: bool = True, **loss_specific) -> tuple[Tensor, Metrics]:
     """Fused preference loss. Returns (loss, metrics); see README for every loss type.
     softcap, logit_scale, temperature: the policy head's logit transform (the reference head's
-    defaults to the same). grad_in_forward: None (default) computes the gradients inside the
-    forward pass wherever that applies (6 N D V for a trainable head instead of 8; README
-    "Gradients in forward"), False forces the recompute path, True asks for it and raises where it
-    cannot apply; kept_mb bounds its kept logits (default FUSEDPREF_CHUNK_MB, else 8 MiB on the CPU
-    and 1024 MiB on CUDA). process_group: vocabulary-parallel heads (weight, bias, ref_weight,
-    ref_bias this rank's shards; hidden, targets the same on every rank); DTensor heads are
-    resolved once per call (README "Distributed")."""
+    defaults to the same). ld_alpha: LD-DPO's weight of the tokens past each pair's shared length
+    in the sequence log-probs (policy and reference head; TRL's ld_alpha). use_weighting: WPO's
+    pair weights (TRL's use_weighting). grad_in_forward: None (default) computes the gradients
+    inside the forward pass wherever that applies (6 N D V for a trainable head instead of 8;
+    README "Gradients in forward"), False forces the recompute path, True asks for it and raises
+    where it cannot apply; kept_mb bounds its kept logits (default FUSEDPREF_CHUNK_MB, else 8 MiB
+    on the CPU and 1024 MiB on CUDA). process_group: vocabulary-parallel heads (weight, bias,
+    ref_weight, ref_bias this rank's shards; hidden, targets the same on every rank); DTensor heads
+    are resolved once per call (README "Distributed"). metrics.sequences holds the per-sequence
+    values behind the metrics (Sequences)."""
     types, weights, params = check_loss_args(loss_type, loss_weights, label_smoothing, beta, loss_specific,
                                              average_log_prob)
     _check_reduction(reduction)
     _check_batch(hidden)
     if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
         raise TypeError(f"grad_in_forward must be None, True or False, got {grad_in_forward!r}")
+    if not isinstance(use_weighting, bool):
+        raise TypeError(f"use_weighting must be a bool, got {use_weighting!r}")
+    has_expo = any(LOSSES[t].fn is LOSSES["expo"].fn for t in types)
+    if ld_alpha is not None:
+        if not is_real(ld_alpha) or not 0 <= ld_alpha <= 1:
+            raise ValueError(f"ld_alpha must be None or a float in [0, 1], got {ld_alpha!r}")
+        if has_expo:
+            raise ValueError("ld_alpha weights the log-ratio of DPO-family losses; loss_type 'expo' has no such "
+                             "weighting (its KL runs over every token)")
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, group = _dtensor.resolve_heads(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
     heads = _Heads(_head_options(softcap, logit_scale, temperature, ref_softcap, ref_logit_scale, ignore_index,
@@ -243,73 +329,72 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     if nll_targets is not None and not set(types) & NLL_LOSSES:
         raise ValueError(f"nll_targets is used by the NLL term of {sorted(NLL_LOSSES)}, not by loss_type {types}")
 
-    expo_vocab = any(LOSSES[t].fn is LOSSES["expo"].fn for t in types) and params.get("expo_kl") == "vocab"
+    expo_vocab = has_expo and params.get("expo_kl") == "vocab"
     if expo_vocab and not has_fused_ref:
         raise ValueError("loss_type 'expo' with expo_kl='vocab' needs ref_hidden/ref_weight (the exact "
                          "KL runs over the reference head's vocabulary); use expo_kl='sequence' with ref_logps")
     b = two_b // 2
     mask = targets.long() != heads.ignore_index      # any integer dtype (uint8 cannot hold -100)
     _warn_empty(mask, "preference")
+    token_weight = None if ld_alpha is None else _ld_weights(mask, b, ld_alpha)
     frozen_head = isinstance(hidden, Tensor) and hidden.requires_grad and not weight.requires_grad and not (
         bias is not None and bias.requires_grad)
-    blocker = None if grad_in_forward is False else _gif_blocker(grad_in_forward, types, reduction, policy, group,
-                                                                 frozen_head)
-    if grad_in_forward and blocker is not None:
-        raise ValueError(f"grad_in_forward=True cannot apply here: {blocker}; use grad_in_forward=None (the "
-                         "default picks the path) or False")
-    use_gif = grad_in_forward is not False and blocker is None
-    if use_gif and grad_in_forward is None:   # the default: only where one pair at least fits the kept budget
-        elem = 8 if hidden.dtype == torch.float64 else 4 if resolve_backend(backend, hidden.device, hidden.dtype) == \
-            "torch" else hidden.element_size()
-        chosen = torch.arange(b, device=hidden.device)
-        use_gif = _fits(mask, torch.stack([chosen, chosen + b], 1), weight.shape[0], elem, 2 if expo_vocab else 1,
-                        kept_bytes(kept_mb, hidden.device))
+    blocker = _gif_blocker(grad_in_forward, types, reduction, policy, group, frozen_head)
+    if blocker is None and set(types) & NLL_LOSSES and (ld_alpha is not None or use_weighting):
+        blocker = (f"the NLL term of {sorted(set(types) & NLL_LOSSES)} with "
+                   f"{'ld_alpha' if ld_alpha is not None else 'use_weighting'} (its gradient needs every pair first)")
+    chosen = torch.arange(b, device=hidden.device)
+    use_gif = _choose_gif(grad_in_forward, blocker, mask, torch.stack([chosen, chosen + b], 1), policy, backend,
+                          2 if expo_vocab else 1, kept_mb)
 
     kl = ref_seq = None
     if not expo_vocab and has_fused_ref:     # the reference, forward only, before either path
         check_pair(policy, ref, group is not None)
-        ref_seq = heads.reference_logps(targets, ref)
+        ref_seq = heads.reference_logps(targets, ref, token_weight)
     elif ref_logps is not None:
         ref_seq = ref_logps.detach().to(device=hidden.device, dtype=torch.float64 if hidden.dtype == torch.float64
                                         else torch.float32)
+    dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    assembly = _PairLoss(types, weights, params, beta, label_smoothing, reduction, average_log_prob,
+                         mask.sum(-1).to(dt).clamp(min=1), b, use_weighting)
     if use_gif:
-        logps, loss, ref_out, kl, stats, vocab, nll = _fused_pairs(
-            heads, policy, ref if expo_vocab else None, targets, mask, ref_seq, nll_targets,
-            _PairLoss(types, weights, params, beta, label_smoothing, reduction, average_log_prob,
-                      mask.sum(-1).to(torch.float64 if hidden.dtype == torch.float64 else torch.float32).clamp(min=1),
-                      b), kept_mb)
+        logps, loss, ref_out, kl, stats, vocab, nll = _fused_pairs(heads, policy, ref if expo_vocab else None,
+                                                                   targets, mask, ref_seq, nll_targets, assembly,
+                                                                   token_weight, kept_mb)
         if expo_vocab:
             ref_seq = ref_out
-        assembly = _PairLoss(types, weights, params, beta, label_smoothing, reduction, average_log_prob,
-                             mask.sum(-1).to(logps.dtype).clamp(min=1), b)
         pairs_for = assembly.pairs(logps, ref_seq, kl, nll)
-        return loss, _metrics(pairs_for[types[0]], LOSSES[types[0]].rewards, stats, mask, vocab, b)
+        return loss, _metrics(pairs_for[types[0]], LOSSES[types[0]].rewards, stats, mask, vocab, b, logps, ref_seq,
+                          kl)
 
     if expo_vocab:
         # 1+2+3 in one pass over both heads: the policy's per-token log-probs (and metric
         # statistics), the reference's, and EXPO's exact vocabulary KL(p_ref || p_theta)
         out = run(heads.call(two_heads=True, stats=True), targets, policy, ref)
-        logps, ref_seq, kl, stats, vocab = out.logp.sum(-1), out.ref_logp.sum(-1), out.div.sum(-1), out.stats, \
-            out.vocab
+        ref_seq, kl = out.ref_logp.sum(-1), out.div.sum(-1)
     else:
         # 1. policy: per-token log-probs (fused) summed per sequence, plus metric statistics
-        logps, stats, vocab = heads.sequence_logps(targets, policy, stats=True)
-        if ref_seq is not None:
-            ref_seq = ref_seq.to(logps.dtype)
-    lengths = mask.sum(-1).to(logps.dtype).clamp(min=1)
-    # 3. the NLL term of sft / cpo / orpo (only when one of them is asked for)
-    nll = _nll(heads, policy, targets, nll_targets, mask, b, logps) if set(types) & NLL_LOSSES else None
-    assembly = _PairLoss(types, weights, params, beta, label_smoothing, reduction, average_log_prob, lengths, b)
+        out = run(heads.call(stats=True), targets, policy)
+    raw, stats, vocab = out.logp.sum(-1), out.stats, out.vocab
+    logps = _weighted_sum(out.logp, token_weight) if token_weight is not None else raw
+    if ref_seq is not None:
+        ref_seq = ref_seq.to(logps.dtype)
+    # 3. the NLL term of sft / cpo / orpo (only when one of them is asked for): unweighted log-probs
+    nll = _nll(heads, policy, targets, nll_targets, mask, b, raw) if set(types) & NLL_LOSSES else None
     pairs_for = assembly.pairs(logps, ref_seq, kl, nll)
-    # 4. the loss on [B] tensors
-    loss = assembly.reduce(assembly.losses(pairs_for))
-    return loss, _metrics(pairs_for[types[0]], LOSSES[types[0]].rewards, stats, mask, vocab, b)
+    # 4. the loss on [B] tensors (WPO: each pair's times its weight)
+    pair_w = assembly.pair_weights(raw, (stats[..., 3] * mask.to(stats.dtype)).sum(-1))
+    loss = assembly.reduce(assembly.losses(pairs_for, pair_w))
+    return loss, _metrics(pairs_for[types[0]], LOSSES[types[0]].rewards, stats, mask, vocab, b, logps, ref_seq,
+                          kl)
 
 
-def _fused_pairs(heads, policy, ref, targets, mask, ref_seq, nll_targets, assembly: _PairLoss, kept_mb):
+def _fused_pairs(heads, policy, ref, targets, mask, ref_seq, nll_targets, assembly: _PairLoss, token_weight,
+                 kept_mb):
     """The loss with its gradient in the forward pass (functions.run_loss): (sequence log-probs [2B],
     loss, the reference's sequence log-probs (EXPO's pass) or None, sequence KL or None, per-token
-    statistics, V, the NLL term or None)."""
+    statistics, V, the NLL term or None). The NLL term comes with neither ld_alpha nor WPO weights
+    here (the caller's blocker)."""
     two_b, t_len = targets.shape[0], targets.shape[1] if targets.dim() > 1 else 1
     b = assembly.b
     dev = policy.hidden.device
@@ -324,16 +409,21 @@ def _fused_pairs(heads, policy, ref, targets, mask, ref_seq, nll_targets, assemb
             return None
         return nll_ext.detach() if nll_ext is not None else -logps[:b].sum() / n_chosen.to(logps.dtype)
 
-    def unit_grads(units, logp_seq, ref_seq_fused, kl_seq):
+    def refs_of(sums: SeqSums, dtype):
+        refs = sums.ref_logp if sums.ref_logp is not None else ref_seq
+        return None if refs is None else refs.to(dtype)
+
+    def unit_grads(units, sums: SeqSums):
         """dL/dlogp and dL/dKL [2B] of the units (pairs) in a chunk, by autograd on their [k] values."""
         rows = units[:, 0]
-        refs = ref_seq_fused if ref_seq_fused is not None else ref_seq
+        pair_w = assembly.pair_weights(sums.raw_logp, sums.stats[:, 3])
         with torch.enable_grad():
-            lp = logp_seq.detach().clone().requires_grad_()
-            kl = None if kl_seq is None else kl_seq.detach().clone().requires_grad_()
+            lp = sums.logp.detach().clone().requires_grad_()
+            kl = None if sums.kl is None else sums.kl.detach().clone().requires_grad_()
             nll_leaf = torch.zeros((), dtype=lp.dtype, device=dev, requires_grad=True) if nll_types else None
-            pairs_for = assembly.pairs(lp, None if refs is None else refs.to(lp.dtype), kl, nll_leaf, rows)
-            total = assembly.losses(pairs_for).sum() * assembly.scale
+            pairs_for = assembly.pairs(lp, refs_of(sums, lp.dtype), kl, nll_leaf, rows)
+            total = assembly.losses(pairs_for, None if pair_w is None else pair_w.index_select(0, rows)).sum() \
+                * assembly.scale
             inputs = [lp] + ([kl] if kl is not None else []) + ([nll_leaf] if nll_leaf is not None else [])
             got = list(torch.autograd.grad(total, inputs, allow_unused=True))
         g_lp = got.pop(0)
@@ -355,15 +445,14 @@ def _fused_pairs(heads, policy, ref, targets, mask, ref_seq, nll_targets, assemb
             g_lp = torch.where(keep, g_lp, torch.zeros_like(g_lp))
         return g_lp, g_kl
 
-    def total(logp_seq, ref_seq_fused, kl_seq):
-        refs = ref_seq_fused if ref_seq_fused is not None else ref_seq
-        nll = nll_of(logp_seq)
-        return assembly.reduce(assembly.losses(assembly.pairs(logp_seq, None if refs is None else
-                                                              refs.to(logp_seq.dtype), kl_seq, nll)))
+    def total(sums: SeqSums):
+        pairs_for = assembly.pairs(sums.logp, refs_of(sums, sums.logp.dtype), sums.kl, nll_of(sums.logp))
+        return assembly.reduce(assembly.losses(pairs_for, assembly.pair_weights(sums.raw_logp, sums.stats[:, 3])))
 
     seq = torch.arange(two_b, device=dev).repeat_interleave(t_len)
     units = torch.stack([torch.arange(b, device=dev), torch.arange(b, device=dev) + b], 1)
-    plan = LossPlan(heads.call(two_heads=ref is not None, stats=True), LossRows(seq, units, two_b), unit_grads, total,
+    layout = LossRows(seq, units, two_b, None if token_weight is None else token_weight.reshape(-1))
+    plan = LossPlan(heads.call(two_heads=ref is not None, stats=True), layout, unit_grads, total,
                     kept_bytes(kept_mb, dev))
     loss, logps, ref_out, kl, stats = run_loss(plan, targets, policy, ref)
     nll = nll_of(logps)
@@ -381,7 +470,9 @@ def _fused_pairs(heads, policy, ref, targets, mask, ref_seq, nll_targets, assemb
 
 
 @torch.no_grad()
-def _metrics(p: Pairs, rewards_kind, stats, mask, vocab, b):
+def _metrics(p: Pairs, rewards_kind, stats, mask, vocab, b, logps, ref_seq, kl) -> Metrics:
+    """TRL's metrics of the pairs (p: those of the first loss type, maybe length-averaged) and the
+    unaveraged sequence values behind them."""
     if p.ref_chosen is not None and rewards_kind == "ratio":
         rc, rr = p.beta * (p.chosen - p.ref_chosen), p.beta * (p.rejected - p.ref_rejected)
     elif rewards_kind == "avg":
@@ -408,7 +499,9 @@ def _metrics(p: Pairs, rewards_kind, stats, mask, vocab, b):
     }
     if p.kl_chosen is not None:     # EXPO's exact KL(p_ref || p_theta), summed over each sequence's tokens
         out["kl/chosen"], out["kl/rejected"] = p.kl_chosen.detach().mean(), p.kl_rejected.detach().mean()
-    return out
+    return Metrics(out, Sequences(logps.detach(), None if ref_seq is None else ref_seq.detach(),
+                                            None if kl is None else kl.detach(),
+                                            stats.detach(), mask, vocab))
 
 
 class FusedLinearPreferenceLoss(torch.nn.Module):
@@ -440,7 +533,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
                 ref_bias: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
                 nll_targets: Optional[Tensor] = None, process_group=None,
-                reduce_hidden_grad: bool = True) -> tuple[Tensor, dict]:
+                reduce_hidden_grad: bool = True) -> tuple[Tensor, Metrics]:
         return preference_loss(hidden, weight, targets, bias=bias, ref_hidden=ref_hidden,
                                ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
                                nll_targets=nll_targets, process_group=process_group,
@@ -471,7 +564,7 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
              ref_logit_scale: Union[float, None, Same] = "same", reduction: Reduction = "mean",
              backend: Backend = "auto", average_log_prob: bool = False, frozen: FrozenMode = "auto",
              grad_in_forward: Optional[bool] = None, kept_mb: Optional[float] = None, process_group=None,
-             reduce_hidden_grad: bool = True) -> tuple[Tensor, dict]:
+             reduce_hidden_grad: bool = True) -> tuple[Tensor, Metrics]:
     """KTO (TRL's KTOTrainer) on unpaired sequences: hidden [N, T, D], targets [N, T], labels [N]
     bool (True = desirable). The reference-KL estimate z0 = clamp(mean(kl_logps - ref_kl_logps), 0)
     comes from mismatched completions, either precomputed (kl_logps, ref_kl_logps [M]) or through
@@ -548,17 +641,10 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
         return losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
 
     frozen_head = hidden.requires_grad and not weight.requires_grad and not (bias is not None and bias.requires_grad)
-    blocker = None if grad_in_forward is False else _gif_blocker(grad_in_forward, ["kto"], reduction, policy, group,
-                                                                 frozen_head)
-    if grad_in_forward and blocker is not None:
-        raise ValueError(f"grad_in_forward=True cannot apply here: {blocker}; use grad_in_forward=None (the "
-                         "default picks the path) or False")
-    use_gif = grad_in_forward is not False and blocker is None
-    if use_gif and grad_in_forward is None:
-        elem = 8 if hidden.dtype == torch.float64 else 4 if resolve_backend(backend, hidden.device, hidden.dtype) == \
-            "torch" else hidden.element_size()
-        use_gif = _fits(targets.long() != heads.ignore_index, torch.arange(n, device=hidden.device)[:, None],
-                        weight.shape[0], elem, 1, kept_bytes(kept_mb, hidden.device))
+    use_gif = _choose_gif(grad_in_forward, _gif_blocker(grad_in_forward, ["kto"], reduction, policy, group,
+                                                        frozen_head),
+                          targets.long() != heads.ignore_index, torch.arange(n, device=hidden.device)[:, None], policy,
+                          backend, 1, kept_mb)
     if use_gif:
         lengths = (targets.long() != heads.ignore_index).sum(-1).clamp(min=1).to(dt)
         scale = 1.0 / n if reduction == "mean" else 1.0
@@ -566,10 +652,10 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
         def seq_logps(raw):
             return raw / lengths.to(raw.dtype) if average_log_prob else raw
 
-        def unit_grads(units, logp_seq, _ref, _kl):
+        def unit_grads(units, sums: SeqSums):
             rows = units[:, 0]
             with torch.enable_grad():
-                lp = logp_seq.detach().clone().requires_grad_()
+                lp = sums.logp.detach().clone().requires_grad_()
                 total = kto(seq_logps(lp)).index_select(0, rows).sum() * scale
                 g, = torch.autograd.grad(total, lp)
             return g, None
@@ -577,22 +663,28 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
         t_len = targets.shape[1]
         seq = torch.arange(n, device=hidden.device).repeat_interleave(t_len)
         plan = LossPlan(heads.call(stats=True), LossRows(seq, torch.arange(n, device=hidden.device)[:, None], n),
-                        unit_grads, lambda lp, _r, _k: reduce(kto(seq_logps(lp))), kept_bytes(kept_mb, hidden.device))
-        loss, raw, _, _, _ = run_loss(plan, targets, policy)
+                        unit_grads, lambda sums: reduce(kto(seq_logps(sums.logp))), kept_bytes(kept_mb, hidden.device))
+        loss, raw, _, _, stats = run_loss(plan, targets, policy)
         logps = seq_logps(raw)
+        vocab = weight.shape[0]
     else:
-        logps, _, _ = heads.sequence_logps(targets, policy)
+        logps, stats, vocab = heads.sequence_logps(targets, policy, stats=True)
         logps = per_token_mean(logps, targets)
         loss = reduce(kto(logps))
     logratio = logps - ref_seq.to(logps.dtype)
     with torch.no_grad():
         rewards = beta * logratio
 
-        def masked_mean(x, m):   # 0 when no sequence of that kind is in the batch
+        def masked_mean(x, m):   # 0 when no sequence (token) of that kind is in the batch
             return (x * m).sum() / m.sum().clamp(min=1)
         d, u = labels.to(logps.dtype), (~labels).to(logps.dtype)
+        tok = (targets.long() != heads.ignore_index).to(stats.dtype)
+        per_logit = stats[..., 0] / vocab
         metrics = {"rewards/chosen": masked_mean(rewards, d), "rewards/rejected": masked_mean(rewards, u),
                    "rewards/margins": masked_mean(rewards, d) - masked_mean(rewards, u),
                    "logps/chosen": masked_mean(logps, d), "logps/rejected": masked_mean(logps, u),
-                   "kl": z0.detach()}
-    return loss, metrics
+                   "kl": z0.detach(), "entropy": masked_mean(stats[..., 1], tok),
+                   "logits/chosen": masked_mean(per_logit, tok * d[:, None]),
+                   "logits/rejected": masked_mean(per_logit, tok * u[:, None])}
+    return loss, Metrics(metrics, Sequences(logps.detach(), ref_seq.detach().to(logps.dtype), None, stats.detach(),
+                                            tok > 0, vocab))

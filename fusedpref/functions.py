@@ -457,10 +457,9 @@ def linear_divergence(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_we
 class LossPlan(NamedTuple):
     """A loss computed with its gradient inside the fused pass (fusedpref/api.py builds it):
     call the head call (stats on; two heads for EXPO's exact KL), layout how rows group into
-    sequences and units (_library.LossRows), unit_grads(units, logp_seq, ref_seq, kl_seq) ->
-    (dL/dlogp [S], dL/dKL [S] or None) of those units' terms with the reduction's weight, total(logp_seq,
-    ref_seq, kl_seq) -> the loss value (the same [B]-sized maths as the recompute path), budget the
-    kept buffers' bytes."""
+    sequences and units (_spec.LossRows), unit_grads(units, SeqSums) -> (dL/dlogp [S], dL/dKL [S]
+    or None) of those units' terms with the reduction's weight, total(SeqSums) -> the loss value
+    (the same [B]-sized maths as the recompute path), budget the kept buffers' bytes."""
     call: HeadCall
     layout: object
     unit_grads: object
@@ -487,10 +486,11 @@ class FusedLossFunction(torch.autograd.Function):
     def forward(ctx, plan: LossPlan, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets):
         grad = ctx.needs_input_grad
         needs = Needs(grad[1], grad[2], bias is not None and grad[3])
-        logp_seq, ref_seq, kl_seq, stats, dh, dw, db = FusedLossFunction._pass(
-            plan, needs, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets)
+        sums, stats, dh, dw, db = FusedLossFunction._pass(plan, needs, hidden, weight, bias, ref_hidden, ref_weight,
+                                                          ref_bias, targets)
         with torch.no_grad():
-            loss = plan.total(logp_seq, ref_seq, kl_seq)
+            loss = plan.total(sums)
+        logp_seq, ref_seq, kl_seq = sums.logp, sums.ref_logp, sums.kl
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets)
         ctx.plan, ctx.needs, ctx.grads = plan, needs, [dh, dw, db]
         empty = logp_seq.new_empty(0)

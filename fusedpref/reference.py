@@ -103,28 +103,50 @@ def eager_preference_loss(hidden, weight, targets, *, loss_type, beta, bias=None
                           ref_weight=None, ref_bias=None, ref_logps=None, ignore_index=-100, softcap=None,
                           label_smoothing=0.0, loss_weights=None, reduction="mean", average_log_prob=False,
                           nll_targets=None, discopop_tau=0.05, gamma=0.5, alpha=1.0, expo_kl="vocab",
-                          expo_kl_on="both", logit_scale=None, ref_softcap="same", ref_logit_scale="same"):
+                          expo_kl_on="both", logit_scale=None, ref_softcap="same", ref_logit_scale="same",
+                          ld_alpha=None, use_weighting=False):
     """(loss, metrics) of fusedpref.preference_loss, from full logits (logit_scale: the whole multiplier
-    after the cap; the reference head's cap and scale default to the policy's)."""
+    after the cap; the reference head's cap and scale default to the policy's). ld_alpha and
+    use_weighting as TRL's DPOTrainer computes them (shared/tail masks from completion positions;
+    WPO's aligned log-probs from the full softmax)."""
     import torch.nn.functional as F
 
     ref_softcap = softcap if ref_softcap == "same" else ref_softcap
     ref_logit_scale = logit_scale if ref_logit_scale == "same" else ref_logit_scale
-    logps, logits, mask = _seq_logps(hidden, weight, bias, targets, ignore_index, softcap, logit_scale)
-    b = logps.shape[0] // 2
-    n_tok = mask.sum(-1).to(logps.dtype)
+    raw_logps, logits, mask = _seq_logps(hidden, weight, bias, targets, ignore_index, softcap, logit_scale)
+    b = raw_logps.shape[0] // 2
+    n_tok = mask.sum(-1).to(raw_logps.dtype)
     lens = n_tok.clamp(min=1)
     lp_tok = logits.log_softmax(-1)
+    labels = torch.where(mask, targets, torch.zeros_like(targets)).long()
+
+    def per_token(lp):
+        return torch.gather(lp, -1, labels.unsqueeze(-1)).squeeze(-1) * mask
+
+    def ld_sum(tok):      # TRL's LD-DPO: shared prefix + ld_alpha * the longer sequence's tail
+        pos = mask.long().cumsum(-1)
+        shared = torch.minimum(mask[:b].sum(-1), mask[b:].sum(-1)).repeat(2)[:, None]
+        return (tok * ((pos > 0) & (pos <= shared))).sum(-1) + ld_alpha * (tok * (pos > shared)).sum(-1)
+
+    logps = raw_logps if ld_alpha is None else ld_sum(per_token(lp_tok))
     ref_lp_tok = None
     if ref_hidden is not None:
         with torch.no_grad():
             ref_logps, ref_logits, _ = _seq_logps(ref_hidden, ref_weight, ref_bias, targets, ignore_index, ref_softcap,
                                                   ref_logit_scale)
             ref_lp_tok = ref_logits.log_softmax(-1)
+            if ld_alpha is not None:
+                ref_logps = ld_sum(per_token(ref_lp_tok))
     c_sum, r_sum = logps[:b], logps[b:]
     lc, lr = lens[:b], lens[b:]
+    pair_w = None
+    if use_weighting:     # WPO: exp(mean token (log p(y_t) - log sum_v p(v)^2)), chosen x rejected, no grad
+        with torch.no_grad():
+            aligned = ((per_token(lp_tok) - torch.logsumexp(2 * lp_tok, -1)) * mask).sum(-1) / lens
+            wts = aligned.exp()
+            pair_w = wts[:b] * wts[b:]
     if nll_targets is None:
-        nll = -c_sum.sum() / n_tok[:b].sum().clamp(min=1)
+        nll = -raw_logps[:b].sum() / n_tok[:b].sum().clamp(min=1)
     else:
         nt = nll_targets[:b]
         nll_seq, _, nmask = _seq_logps(hidden[:b], weight, bias, nt, ignore_index, softcap, logit_scale)
@@ -199,6 +221,8 @@ def eager_preference_loss(hidden, weight, targets, *, loss_type, beta, bias=None
             losses = sup + beta * kl
         else:
             raise KeyError(t)
+        if pair_w is not None:
+            losses = losses * pair_w
         total = total + w * losses
     # metrics, TRL style, from the full logits
     first = types[0]
@@ -240,6 +264,7 @@ def eager_kto_loss(hidden, weight, targets, labels, *, beta, ref_hidden=None, re
         return s / m.sum(-1).clamp(min=1) if average_log_prob else s
 
     logps = seq(hidden, weight, bias, targets)
+    _, logits, mask = _seq_logps(hidden, weight, bias, targets, ignore_index, softcap)
     with torch.no_grad():
         ref = seq(ref_hidden, ref_weight, None, targets) if ref_hidden is not None else ref_logps
         if kl_hidden is not None:
@@ -256,4 +281,10 @@ def eager_kto_loss(hidden, weight, targets, labels, *, beta, ref_hidden=None, re
         metrics = {"rewards/chosen": rw[labels].mean(), "rewards/rejected": rw[~labels].mean(),
                    "rewards/margins": rw[labels].mean() - rw[~labels].mean(),
                    "logps/chosen": logps[labels].mean(), "logps/rejected": logps[~labels].mean(), "kl": kl}
+        lp_tok = logits.log_softmax(-1)
+        ent, mean_logit = -(lp_tok.exp() * lp_tok).sum(-1), logits.mean(-1)
+        metrics["entropy"] = ent[mask].mean() if mask.any() else ent.new_zeros(())
+        for name, rows in (("logits/chosen", labels), ("logits/rejected", ~labels)):
+            m = mask[rows]
+            metrics[name] = mean_logit[rows][m].mean() if m.any() else ent.new_zeros(())
     return _reduce(per, reduction), metrics

@@ -17,6 +17,25 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 CHUNKINGS = {"one-chunk": None, "chunks97": "97"}
 
 
+def _inplace_mm(self_shape, a_shape, b_shape, *args, out_shape=None, **kw):
+    """FLOPs of an in-place addmm_ (a [m, k] @ b [k, n]) or baddbmm_ / addbmm_ ([batch, m, k] @ [batch, k, n])."""
+    if len(a_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
+def matmul_flops(fn) -> int:
+    """The matmul FLOPs fn() runs, by FlopCounterMode, with the in-place products it does not
+    count by itself (addmm_, baddbmm_, addbmm_: TRL's head accumulates dH and dW with them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    with FlopCounterMode(display=False, custom_mapping={aten.addmm_: _inplace_mm, aten.baddbmm_: _inplace_mm,
+                                                        aten.addbmm_: _inplace_mm}) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

@@ -5,17 +5,15 @@ on the standard path (frozen="standard": forward 2, backward 2 + 2) 6; ignored r
 (N - Nv of them) cost nothing."""
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import fusedpref
+from helpers import matmul_flops
 
 N, D, V = 64, 32, 500
 
 
 def _count(fn):
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+    return matmul_flops(fn)
 
 
 @pytest.mark.parametrize("frozen,path", [(False, "one-pass"), (True, "one-pass"), (True, "standard")],

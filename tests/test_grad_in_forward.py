@@ -6,13 +6,12 @@ two passes), ignored rows, uneven pairs, bias, soft-cap and scale; the path is t
 applies, and clear errors where it cannot."""
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import fusedpref
 from fusedpref import _library
 from fusedpref.losses import LOSSES
-from helpers import DEVICE, assert_within
-from test_losses import NEEDS_LS, PARAM_CASES, _batch, _compare
+from helpers import DEVICE, assert_within, matmul_flops
+from test_losses import NEEDS_LS, PARAM_CASES, RECOMPUTE_ONLY, _batch, _compare
 
 BACKENDS = ["torch", "triton"]
 DECOMPOSABLE = sorted(t for t, spec in LOSSES.items() if spec.decomposable and t not in ("typo", "expo"))
@@ -59,11 +58,25 @@ def test_every_decomposable_loss_matches_the_oracle(loss_type, kept, backend, ta
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("loss_type,kw", [c for c in PARAM_CASES if c[0] not in ("aot", "aot_unpaired")],
-                         ids=lambda x: str(x).replace(" ", ""))
+@pytest.mark.parametrize("loss_type,kw", [c for c in PARAM_CASES if c[0] not in ("aot", "aot_unpaired")
+                                           and c not in RECOMPUTE_ONLY], ids=lambda x: str(x).replace(" ", ""))
 def test_every_loss_parameter_matches_the_oracle(loss_type, kw, backend, taken):
     _compare(backend, loss_type, fused_kw=dict(grad_in_forward=True, kept_mb=0.006), **kw)
     assert taken["fused"] == 1
+
+
+@pytest.mark.parametrize("loss_type,kw", [c for c in PARAM_CASES if "ld_alpha" in c[1] or "use_weighting" in c[1]],
+                         ids=lambda x: str(x).replace(" ", ""))
+def test_ld_alpha_and_wpo_on_the_recompute_path(loss_type, kw, taken):
+    """The same options forced onto the recompute path; with an NLL term it is the default, and
+    grad_in_forward=True says why it cannot apply."""
+    _compare("torch", loss_type, fused_kw=dict(grad_in_forward=False), **kw)
+    assert taken["fused"] == 0
+    if (loss_type, kw) in RECOMPUTE_ONLY:
+        _compare("torch", loss_type, **kw)
+        assert taken["fused"] == 0
+        with pytest.raises(ValueError, match="NLL term .* needs every pair"):
+            _compare("torch", loss_type, fused_kw=dict(grad_in_forward=True), **kw)
 
 
 @pytest.mark.parametrize("kept,backend", _routes())
@@ -167,9 +180,7 @@ def test_where_it_cannot_apply_asking_for_it_is_a_clear_error(kw, words):
 
 
 def _flops(fn):
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+    return matmul_flops(fn)
 
 
 @pytest.mark.parametrize("case, bound", [("precomputed", 6.2), ("reference head", 8.2), ("expo", 8.2)])

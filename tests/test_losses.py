@@ -127,7 +127,17 @@ PARAM_CASES = [
     ("sigmoid_norm", {"temperature": 0.9, "ref_softcap": None}),
     ("ipo", {"targets_dtype": torch.int32}),
     ("simpo", {"targets_dtype": torch.int16}),
+    # TRL's LD-DPO (ld_alpha) and WPO (use_weighting) options; with an NLL term they take the recompute path
+    ("sigmoid", {"ld_alpha": 0.4}),
+    (["ipo", "sigmoid_norm"], {"ld_alpha": 0.0}),
+    ("sigmoid", {"use_weighting": True}),
+    (["sigmoid", "ipo"], {"loss_weights": [1.0, 0.3], "use_weighting": True, "ld_alpha": 0.6}),
+    (["sigmoid", "sft"], {"ld_alpha": 0.5}),
+    (["hinge", "sft"], {"use_weighting": True}),
 ]
+# the cases whose NLL term takes the recompute path (its gradient needs every pair first)
+RECOMPUTE_ONLY = [c for c in PARAM_CASES if {"sft", "cpo", "orpo"} & set([c[0]] if isinstance(c[0], str) else c[0])
+                  and ("ld_alpha" in c[1] or "use_weighting" in c[1])]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -154,9 +154,22 @@ def test_unpatched_trl_does_not_know_expo(tmp_path):
         trainer.compute_loss(trainer.model, _batch(trainer))
 
 
-@pytest.mark.parametrize("option,value", [("use_weighting", True), ("ld_alpha", 0.5)])
-def test_options_expo_does_not_support_are_clear_errors(option, value, patched, tmp_path):
-    trainer = DPOTrainer(model=T.model(), ref_model=T.model(), args=_config(tmp_path, **{option: value}),
+def test_options_expo_does_not_support_are_clear_errors(patched, tmp_path):
+    trainer = DPOTrainer(model=T.model(), ref_model=T.model(), args=_config(tmp_path, ld_alpha=0.5),
                          train_dataset=T.preference_data(), processing_class=T.tokenizer())
-    with pytest.raises(NotImplementedError, match=option):
+    with pytest.raises(ValueError, match="ld_alpha .* 'expo'"):
         trainer.compute_loss(trainer.model, _batch(trainer))
+    trainer = DPOTrainer(model=T.model(), ref_model=T.model(), args=_config(tmp_path), train_dataset=T.preference_data(),
+                         processing_class=T.tokenizer())
+    with pytest.raises(NotImplementedError, match="'expo' .* return_outputs=True"):
+        trainer.compute_loss(trainer.model, _batch(trainer), return_outputs=True)
+
+
+def test_expo_with_wpo_weights_is_fusedprefs_on_the_same_hidden_states(patched, tmp_path):
+    """use_weighting (WPO) multiplies each pair's EXPO loss by its weight, as TRL does for its losses."""
+    trainer = DPOTrainer(model=T.model(), ref_model=T.model(seed=1), args=_config(tmp_path, use_weighting=True),
+                         train_dataset=T.preference_data(), processing_class=T.tokenizer())
+    loss_trainer, (want, _) = _trainer_and_direct(trainer, loss_type="expo", use_weighting=True)
+    _, (plain, _) = _trainer_and_direct(trainer, loss_type="expo")
+    torch.testing.assert_close(loss_trainer, want, rtol=1e-6, atol=1e-7)
+    assert abs(plain.item() - want.item()) > 1e-4

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import optional
+from helpers import matmul_flops, optional
 
 optional("trl")
 optional("datasets")
@@ -19,6 +19,7 @@ from trl.trainer.distillation_config import DistillationConfig  # noqa: E402
 from trl.trainer.distillation_trainer import DistillationTrainer  # noqa: E402
 
 import fusedpref.integrations.trl as fp_trl  # noqa: E402
+from fusedpref import _library  # noqa: E402
 
 pytestmark = pytest.mark.slow   # TRL trainers
 
@@ -43,11 +44,13 @@ def _never(name):
     return staticmethod(fail)
 
 
-def compare(make_trainer, monkeypatch, *, head="logprob"):
+def compare(make_trainer, monkeypatch, *, head="logprob", loss=None, fused=None):
     """Trains twice from identical weights, TRL's heads and fusedpref's; compares every logged
-    number and every trainable weight; returns the patched run's logs."""
+    number and every trainable weight; returns the patched run's logs. loss: the fusedpref loss
+    the trainer's loss must go through ("preference_loss", "kto_loss"; None: neither), fused
+    whether its gradients-in-forward pass must run (None: not checked)."""
     ref_logs, ref_w, _ = T.train(make_trainer, False)
-    calls = {"logprob": 0, "divergence": 0}
+    calls = {"logprob": 0, "divergence": 0, "preference_loss": 0, "kto_loss": 0, "fused": 0}
     for cls, key in ((fp_trl.FusedLogProbHead, "logprob"), (fp_trl.FusedDivergence, "divergence")):
         original = cls.apply
 
@@ -55,11 +58,20 @@ def compare(make_trainer, monkeypatch, *, head="logprob"):
             calls[_key] += 1
             return _original(*a, **k)
         monkeypatch.setattr(cls, "apply", staticmethod(counted))
+    for obj, name in ((fp_trl, "preference_loss"), (fp_trl, "kto_loss"), (_library, "fused_loss")):
+        def counted_fn(*a, _original=getattr(obj, name), _key="fused" if name == "fused_loss" else name, **k):
+            calls[_key] += 1
+            return _original(*a, **k)
+        monkeypatch.setattr(obj, name, counted_fn)
     with monkeypatch.context() as m:
         m.setattr(ChunkedLogProbFunction, "apply", _never("ChunkedLogProbFunction"))
         m.setattr(ChunkedDivergenceFunction, "apply", _never("ChunkedDivergenceFunction"))
         logs, w, _ = T.train(make_trainer, True)
     assert calls[head] > 0, f"fusedpref's {head} head did not run"
+    for name in ("preference_loss", "kto_loss"):
+        assert (calls[name] > 0) == (loss == name), (name, calls)
+    if fused is not None:
+        assert (calls["fused"] > 0) == fused, calls
     assert len(logs) == len(ref_logs) == 2
     for row, ref_row in zip(logs, ref_logs):
         assert row.keys() == ref_row.keys()
@@ -95,17 +107,72 @@ def test_dpo_trainer(loss_type, args, monkeypatch):
                    label_smoothing=SMOOTHING.get(loss_type, 0.0))
         return DPOTrainer(model=T.model(), ref_model=T.model(), args=cfg, train_dataset=T.preference_data(),
                           processing_class=T.tokenizer())
-    compare(make, monkeypatch)
+    # every TRL loss type goes through preference_loss; the pair-coupled ones on the recompute path
+    compare(make, monkeypatch, loss="preference_loss", fused=loss_type not in ("aot", "aot_unpaired"))
 
 
-def test_dpo_trainer_wpo_weights_and_a_loss_list(args, monkeypatch):
-    """use_weighting reads log_sum_sq_probs (WPO); a weighted list of losses."""
+@pytest.mark.parametrize("opts", [dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.3], use_weighting=True),
+                                  dict(loss_type="sigmoid", ld_alpha=0.3),
+                                  dict(loss_type=["ipo", "sft"], loss_weights=[1.0, 0.5], ld_alpha=0.6),
+                                  dict(loss_type="robust", label_smoothing=0.2, use_weighting=True, ld_alpha=0.0)],
+                         ids=["wpo-list", "ld-alpha", "ld-alpha-nll", "robust-wpo-ld"])
+def test_dpo_trainer_options(opts, args, monkeypatch):
+    """WPO (use_weighting reads log_sum_sq_probs), LD-DPO (ld_alpha), weighted lists: through
+    preference_loss; an NLL term with ld_alpha on its recompute path."""
     def make():
-        cfg = args(DPOConfig, per_device_train_batch_size=4, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.3],
-                   use_weighting=True)
+        cfg = args(DPOConfig, per_device_train_batch_size=4, **opts)
         return DPOTrainer(model=T.model(), ref_model=T.model(), args=cfg, train_dataset=T.preference_data(),
                           processing_class=T.tokenizer())
-    compare(make, monkeypatch)
+    compare(make, monkeypatch, loss="preference_loss", fused="sft" not in opts["loss_type"])
+
+
+def test_dpo_trainer_with_precomputed_reference_log_probs(args, monkeypatch):
+    def make():
+        cfg = args(DPOConfig, per_device_train_batch_size=4, loss_type="sigmoid", precompute_ref_log_probs=True)
+        return DPOTrainer(model=T.model(), ref_model=T.model(), args=cfg, train_dataset=T.preference_data(),
+                          processing_class=T.tokenizer())
+    compare(make, monkeypatch, loss="preference_loss", fused=True)
+
+
+@pytest.mark.parametrize("opts", [dict(loss_type="sigmoid", label_smoothing=0.1),
+                                  dict(loss_type="hinge", f_divergence_type="js_divergence")],
+                         ids=["sigmoid-label-smoothing", "f-divergence"])
+def test_what_preference_loss_cannot_serve_runs_trls_loss_code(opts, args, monkeypatch):
+    """TRL's sigmoid ignores label_smoothing (fusedpref's is cDPO); f-divergences: TRL's own loss
+    code on fusedpref's per-token head, the same numbers."""
+    def make():
+        cfg = args(DPOConfig, per_device_train_batch_size=4, **opts)
+        return DPOTrainer(model=T.model(), ref_model=T.model(), args=cfg, train_dataset=T.preference_data(),
+                          processing_class=T.tokenizer())
+    compare(make, monkeypatch, loss=None, fused=False)
+
+
+def _step_flops(trainer, patch):
+    """Matmul FLOPs (helpers.matmul_flops: FlopCounterMode + the in-place products TRL's head
+    accumulates with) of one loss + backward on the trainer's first batch."""
+    with T.patched(patch):
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        flops = matmul_flops(lambda: trainer.compute_loss(trainer.model, inputs).backward())
+    trainer.model.zero_grad(set_to_none=True)
+    return flops
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["valid-rows", "every-row"])
+def test_a_patched_dpo_step_does_at_most_083x_the_matmul_flops_of_trls_head(compact, args, monkeypatch):
+    """TRL's head scores the valid rows on Triton devices and every row elsewhere (compact); the
+    same step with fusedpref's gradients in forward does 6 + 2 N D V in the heads where TRL's does
+    8 + 2 (the backbone's FLOPs are the same in both: a head-heavy tiny model, V = 32768 with hidden
+    32, as a large vocabulary is next to a real model's backbone; at V = 8192 the ratio is 0.836)."""
+    import trl.trainer.utils as utils
+
+    monkeypatch.setattr(utils, "_use_triton", lambda device: compact)
+    cfg = args(DPOConfig, per_device_train_batch_size=4, loss_type="sigmoid")
+    trainer = DPOTrainer(model=T.model(vocab=32768), ref_model=T.model(vocab=32768), args=cfg,
+                         train_dataset=T.preference_data(), processing_class=T.tokenizer())
+    trl_flops, fused_flops = _step_flops(trainer, False), _step_flops(trainer, True)
+    ratio = fused_flops / trl_flops
+    print(f"matmul FLOPs per step: TRL's head {trl_flops:.4g}, fusedpref {fused_flops:.4g}, ratio {ratio:.3f}")
+    assert ratio <= 0.83, ratio
 
 
 # ---------------------------------------------------------------- the other trainers
@@ -114,7 +181,24 @@ def test_kto_trainer(args, monkeypatch):
     def make():
         return KTOTrainer(model=T.model(), ref_model=T.model(), args=args(KTOConfig, per_device_train_batch_size=8),
                           train_dataset=T.unpaired_data(), processing_class=T.tokenizer())
-    compare(make, monkeypatch)
+    compare(make, monkeypatch, loss="kto_loss", fused=True)
+
+
+def test_kto_trainer_with_precomputed_reference_log_probs_and_weights(args, monkeypatch):
+    def make():
+        cfg = args(KTOConfig, per_device_train_batch_size=8, precompute_ref_log_probs=True, desirable_weight=1.5,
+                   undesirable_weight=0.7)
+        return KTOTrainer(model=T.model(), ref_model=T.model(), args=cfg, train_dataset=T.unpaired_data(),
+                          processing_class=T.tokenizer())
+    compare(make, monkeypatch, loss="kto_loss", fused=True)
+
+
+def test_kto_trainer_apo_zero_unpaired_runs_trls_loss_code(args, monkeypatch):
+    def make():
+        cfg = args(KTOConfig, per_device_train_batch_size=8, loss_type="apo_zero_unpaired")
+        return KTOTrainer(model=T.model(), ref_model=T.model(), args=cfg, train_dataset=T.unpaired_data(),
+                          processing_class=T.tokenizer())
+    compare(make, monkeypatch, loss=None)
 
 
 def test_sft_trainer(args, monkeypatch):
@@ -171,7 +255,7 @@ def test_lora_dpo_takes_the_one_pass_frozen_head_path(args, monkeypatch):
         return DPOTrainer(model=T.model(), ref_model=None, args=cfg, train_dataset=T.preference_data(),
                           processing_class=T.tokenizer(),
                           peft_config=peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    compare(make, monkeypatch)
+    compare(make, monkeypatch, loss="preference_loss", fused=False)
     assert len(calls) == 2          # the policy's forward of each step; the reference runs under no_grad
 
 

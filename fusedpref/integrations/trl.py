@@ -52,7 +52,7 @@ import re
 import torch
 
 from .. import functions
-from ..api import preference_loss
+from ..api import kto_loss, preference_loss
 from ..functions import LinearDivergence, LinearLogProbs
 
 logger = logging.getLogger("fusedpref.integrations.trl")
@@ -194,24 +194,64 @@ def _expo_checks(trainer):
                          "or the LoRA base with adapters disabled, then runs each step under no_grad)")
 
 
-def _expo_compute_loss(self, model, inputs, return_outputs):
-    """DPOTrainer._compute_loss for a loss list holding "expo", through fusedpref.preference_loss."""
+# TRL's loss types that read label_smoothing (its sigmoid does not, fusedpref's does: cDPO)
+_TRL_SMOOTHED = {"exo_pair", "robust", "aot", "aot_unpaired"}
+# TRL's loss types that divide by the unshifted completion_mask's counts (fusedpref: the scored targets')
+_TRL_UNSHIFTED_LENGTHS = {"ipo", "sigmoid_norm"}
+
+
+def _fallback_reason(trainer, model, return_outputs) -> str | None:
+    """Why DPOTrainer's loss cannot go through fusedpref.preference_loss here (None: it can); the
+    call then runs TRL's own loss code on fusedpref's per-token head."""
     from accelerate.utils import is_peft_model
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from ..losses import LOSSES
+
+    types = list(trainer.loss_types)
+    unknown = [t for t in types if t not in LOSSES]
+    if unknown:
+        return f"loss_type {unknown} is not one of fusedpref's"
+    if trainer.f_divergence_type != "reverse_kl" and not (
+            trainer.f_divergence_type == "alpha_divergence" and abs(trainer.f_alpha_divergence_coef - 1.0) < 1e-6):
+        return f"f_divergence_type={trainer.f_divergence_type!r}"
+    if trainer.aux_loss_enabled:
+        return "aux_loss_enabled=True (the MoE router loss comes from the model's outputs)"
+    if return_outputs:
+        return "return_outputs=True (logits for compute_metrics)"
+    if is_deepspeed_zero3_enabled():
+        return "DeepSpeed ZeRO-3 (the head weight is gathered only inside the model's forward)"
+    if trainer.label_smoothing and "sigmoid" in types:
+        return "label_smoothing with loss_type 'sigmoid' (TRL's sigmoid ignores it; fusedpref's is cDPO)"
+    if trainer.use_weighting and "sft" in types:
+        return "use_weighting with loss_type 'sft'"
+    if is_peft_model(model) and getattr(trainer.accelerator.unwrap_model(model).active_peft_config,
+                                        "is_prompt_learning", False):
+        return "a prompt-learning PEFT adapter (virtual tokens before the labels)"
+    return None
+
+
+def _preference_compute_loss(self, model, inputs, return_outputs, trl_compute_loss):
+    """DPOTrainer._compute_loss through fusedpref.preference_loss: its loss (gradients in forward
+    where the loss type decomposes over pairs, README "Gradients in forward"), TRL's logged metrics
+    reduced across ranks as TRL reduces them. EXPO only runs here; the other loss types fall back to
+    TRL's own loss code (on fusedpref's per-token head) where _fallback_reason says so."""
+    from accelerate.utils import is_peft_model
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
 
-    unsupported = {"f_divergence_type": (self.f_divergence_type, "reverse_kl"), "ld_alpha": (self.ld_alpha, None),
-                   "use_weighting": (self.use_weighting, False), "aux_loss_enabled": (self.aux_loss_enabled, False)}
-    for name, (value, default) in unsupported.items():
-        if value != default:
-            raise NotImplementedError(f"loss_type 'expo' through fusedpref supports {name}={default!r} only, got "
-                                      f"{value!r}")
-    if is_deepspeed_zero3_enabled():
-        raise NotImplementedError("loss_type 'expo' through fusedpref does not run under DeepSpeed ZeRO-3 yet (its "
-                                  "loss is computed outside the model's forward); use FSDP2 or ZeRO-2")
-    if return_outputs:
-        raise NotImplementedError("loss_type 'expo' through fusedpref does not return logits (return_outputs=True)")
+    expo = "expo" in self.loss_types or "typo" in self.loss_types
+    reason = _fallback_reason(self, model, return_outputs)
+    if reason is None and not expo and set(self.loss_types) & _TRL_UNSHIFTED_LENGTHS and \
+            bool(inputs["completion_mask"][:, 0].any()):
+        reason = "a completion starting at position 0 (TRL's ipo/sigmoid_norm count the unshifted mask)"
+    if reason is not None:
+        if expo:
+            raise NotImplementedError(f"loss_type 'expo' through fusedpref does not support {reason}")
+        logger.debug("DPOTrainer loss through TRL's own loss code: %s", reason)
+        return trl_compute_loss(self, model, inputs, return_outputs)
+    if expo:
+        _expo_checks(self)
     mode = "train" if self.model.training else "eval"
     completion_mask = inputs["completion_mask"]
     model_kwargs = {k: v for k, v in inputs.items()
@@ -220,37 +260,178 @@ def _expo_compute_loss(self, model, inputs, return_outputs):
     labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
     targets = labels[:, 1:]
 
-    _expo_checks(self)
-    with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-        if is_peft_model(self.model) and self.ref_model is None:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                ref_hidden, ref_call = _head_inputs(self.model, model_kwargs, labels)
-        else:
-            ref_hidden, ref_call = _head_inputs(self.ref_model, model_kwargs, labels)
-    ref_cap, ref_scale = _transform(ref_call["logit_scale"], ref_call["softcap"], ref_call["temperature"])
-    ref = dict(ref_hidden=ref_hidden.detach(), ref_weight=ref_call["weight"].detach(),
-               ref_bias=None if ref_call["bias"] is None else ref_call["bias"].detach(), ref_softcap=ref_cap,
-               ref_logit_scale=ref_scale)
+    if self.precompute_ref_logps:     # (not EXPO: _expo_checks)
+        ref = dict(ref_logps=torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]))
+    else:
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if is_peft_model(self.model) and self.ref_model is None:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    ref_hidden, ref_call = _head_inputs(self.model, model_kwargs, labels)
+            else:
+                ref_hidden, ref_call = _head_inputs(self.ref_model, model_kwargs, labels)
+        ref_cap, ref_scale = _transform(ref_call["logit_scale"], ref_call["softcap"], ref_call["temperature"])
+        ref = dict(ref_hidden=ref_hidden.detach(), ref_weight=ref_call["weight"].detach(),
+                   ref_bias=None if ref_call["bias"] is None else ref_call["bias"].detach(), ref_softcap=ref_cap,
+                   ref_logit_scale=ref_scale)
     hidden, call = _head_inputs(model, model_kwargs, labels)
     # TRL's softcap(s (h W^T + b)) / T as fusedpref's cap and scale, for each model's head
     cap, scale = _transform(call["logit_scale"], call["softcap"], call["temperature"])
     extra = {}
-    if self.label_smoothing:
+    if self.label_smoothing and (expo or set(self.loss_types) & _TRL_SMOOTHED):
         extra["label_smoothing"] = self.label_smoothing
     if "discopop" in self.loss_types:
         extra["discopop_tau"] = self.args.discopop_tau
+    if self.ld_alpha is not None:
+        extra["ld_alpha"] = self.ld_alpha
     loss, metrics = preference_loss(hidden, call["weight"], targets, loss_type=list(self.loss_types),
                                     loss_weights=list(self.loss_weights), beta=self.beta, bias=call["bias"],
-                                    softcap=cap, logit_scale=scale, **ref, **extra)
-    gather = self.accelerator.gather_for_metrics
-    for key, value in metrics.items():
-        self._metrics[mode][key].append(gather(value.detach().reshape(1)).float().mean().item())
-    if mode == "train":
-        tokens = gather(inputs["attention_mask"].sum().reshape(1)).sum().item()
-        self._total_train_tokens += tokens // self._tp_size
-    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+                                    softcap=cap, logit_scale=scale, use_weighting=bool(self.use_weighting),
+                                    **ref, **extra)
+    _log_metrics(self, mode, metrics.sequences, inputs)
     return loss
+
+
+def _log_metrics(trainer, mode, seqs, inputs):
+    """DPOTrainer's metrics from the per-sequence values, reduced over ranks as TRL reduces its own:
+    token means as gathered sums over gathered counts, per-sequence means over the gathered
+    sequences; EXPO adds kl/chosen and kl/rejected."""
+    from ..losses import LOSSES
+
+    gather_m, gather = trainer.accelerator.gather_for_metrics, trainer.accelerator.gather
+    metrics = trainer._metrics[mode]
+    b = seqs.logps.shape[0] // 2
+    mask = seqs.mask.to(seqs.stats.dtype)
+    mc, mr = mask[:b], mask[b:]
+
+    def token_mean(total, count):
+        total, count = gather_m(total.reshape(1)).sum(), gather_m(count.reshape(1)).sum()
+        return (total / count).item() if count > 0 else 0.0
+
+    metrics["entropy"].append(token_mean((seqs.stats[..., 1] * mask).sum(), mask.sum()))
+    if mode == "train":
+        tokens = gather_m(inputs["attention_mask"].sum().reshape(1)).sum().item()
+        trainer._total_train_tokens += tokens // trainer._tp_size
+    metrics["num_tokens"] = [trainer._total_train_tokens]
+    metrics["logits/chosen"].append(token_mean((seqs.stats[:b, :, 0] / seqs.vocab * mc).sum(), mc.sum()))
+    metrics["logits/rejected"].append(token_mean((seqs.stats[b:, :, 0] / seqs.vocab * mr).sum(), mr.sum()))
+    metrics["mean_token_accuracy"].append(token_mean((seqs.stats[:b, :, 2] * mc).sum(), mc.sum()))
+    beta = trainer.beta
+    if LOSSES[trainer.loss_types[0]].rewards == "ratio" and seqs.ref_logps is not None:
+        rewards = beta * (seqs.logps - seqs.ref_logps.to(seqs.logps.dtype))
+    else:        # EXPO: the policy's own log-probs (its Bradley-Terry term's)
+        rewards = beta * seqs.logps
+    rc, rr = gather(rewards[:b]), gather(rewards[b:])
+    metrics["rewards/chosen"].append(rc.mean().item())
+    metrics["rewards/rejected"].append(rr.mean().item())
+    metrics["rewards/accuracies"].append((rc > rr).float().mean().item())
+    metrics["rewards/margins"].append((rc - rr).mean().item())
+    metrics["logps/chosen"].append(gather(seqs.logps[:b]).mean().item())
+    metrics["logps/rejected"].append(gather(seqs.logps[b:]).mean().item())
+    if seqs.kl is not None:
+        metrics["kl/chosen"].append(gather(seqs.kl[:b]).mean().item())
+        metrics["kl/rejected"].append(gather(seqs.kl[b:]).mean().item())
+
+
+# the batch entries of KTOTrainer that are not model inputs (as TRL's _compute_loss filters them)
+_KTO_NON_MODEL_KEYS = {"completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
+                       "KL_mm_token_type_ids", "label", "ref_logps", "ref_KL_logps"}
+
+
+def _kto_compute_loss(self, model, inputs, return_outputs, trl_compute_loss):
+    """KTOTrainer._compute_loss through fusedpref.kto_loss (gradients in forward by default), with
+    TRL's metrics reduced across ranks as TRL reduces them. TRL's reference-KL estimate z0 (the
+    rank-mean of each rank's mean KL_logps - ref_KL_logps, clamped at 0) is computed as TRL does,
+    from forward-only calls of fusedpref's per-token head."""
+    from accelerate.utils import is_peft_model
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+
+    reason = ("loss_type " + repr(self.loss_type) if self.loss_type != "kto" else
+              "aux_loss_enabled=True" if self.aux_loss_enabled else
+              "return_outputs=True" if return_outputs else
+              "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else
+              "a prompt-learning PEFT adapter" if is_peft_model(model) and getattr(
+                  self.accelerator.unwrap_model(model).active_peft_config, "is_prompt_learning", False) else None)
+    if reason is not None:
+        logger.debug("KTOTrainer loss through TRL's own loss code: %s", reason)
+        return trl_compute_loss(self, model, inputs, return_outputs)
+    mode = "train" if self.model.training else "eval"
+    batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    desirable = torch.as_tensor(batch["label"], dtype=torch.bool, device=self.accelerator.device)
+    model_kwargs = {k: v for k, v in batch.items() if k not in _KTO_NON_MODEL_KEYS}
+    model_kwargs["use_cache"] = False
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    targets = labels[:, 1:]
+    kl_logps = self._compute_kl_logps(model, batch)       # (None without calculate_KL)
+    if self.precompute_ref_logps:
+        ref = dict(ref_logps=batch["ref_logps"])
+        ref_kl_logps = batch["ref_KL_logps"] if self.calculate_KL else None
+    else:
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if is_peft_model(self.model) and self.ref_model is None:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    ref_kl_logps = self._compute_kl_logps(self.model, batch)
+                    ref_hidden, ref_call = _head_inputs(self.model, model_kwargs, labels)
+            else:
+                ref_kl_logps = self._compute_kl_logps(self.ref_model, batch)
+                ref_hidden, ref_call = _head_inputs(self.ref_model, model_kwargs, labels)
+        ref_cap, ref_scale = _transform(ref_call["logit_scale"], ref_call["softcap"], ref_call["temperature"])
+        ref = dict(ref_hidden=ref_hidden.detach(), ref_weight=ref_call["weight"].detach(),
+                   ref_bias=None if ref_call["bias"] is None else ref_call["bias"].detach(), ref_softcap=ref_cap,
+                   ref_logit_scale=ref_scale)
+    if self.calculate_KL:       # TRL's z0, passed as one precomputed value (kto_loss clamps it at 0)
+        z0 = self.accelerator.gather_for_metrics((kl_logps - ref_kl_logps).mean().detach()).mean()
+        ref.update(kl_logps=z0.reshape(1), ref_kl_logps=torch.zeros_like(z0).reshape(1))
+    hidden, call = _head_inputs(model, model_kwargs, labels)
+    cap, scale = _transform(call["logit_scale"], call["softcap"], call["temperature"])
+    loss, metrics = kto_loss(hidden, call["weight"], targets, desirable, beta=self.beta, bias=call["bias"],
+                             desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+                             softcap=cap, logit_scale=scale, **ref)
+    _log_kto_metrics(self, mode, metrics, desirable, batch)
+    return loss
+
+
+def _log_kto_metrics(trainer, mode, metrics, desirable, batch):
+    """KTOTrainer's metrics, reduced over ranks as TRL reduces its own (sums over gathered counts)."""
+    seqs = metrics.sequences
+    gather_m = trainer.accelerator.gather_for_metrics
+    logged = trainer._metrics[mode]
+
+    def total(x):
+        return gather_m(x.reshape(1)).sum().item()
+
+    logged["kl"].append(metrics["kl"].item())
+    mask = seqs.mask.to(seqs.stats.dtype)
+    tokens = total(mask.sum())
+    logged["entropy"].append(total((seqs.stats[..., 1] * mask).sum()) / tokens if tokens > 0 else 0.0)
+    if mode == "train":
+        trainer._total_train_tokens += total(batch["attention_mask"].sum()) // trainer._tp_size
+    logged["num_tokens"] = [trainer._total_train_tokens]
+    d = desirable.to(mask.dtype)
+    per_logit = seqs.stats[..., 0] / seqs.vocab
+    for kind, rows in (("chosen", d), ("rejected", 1 - d)):
+        n_tok = total((mask * rows[:, None]).sum())
+        if n_tok > 0:
+            logged[f"logits/{kind}"].append(total((per_logit * mask * rows[:, None]).sum()) / n_tok)
+    rewards = trainer.beta * (seqs.logps - seqs.ref_logps)
+    counts = {kind: total(rows.sum()) for kind, rows in (("chosen", d), ("rejected", 1 - d))}
+    for kind, rows in (("chosen", d), ("rejected", 1 - d)):
+        if counts[kind] > 0:
+            logged[f"rewards/{kind}"].append(total((rewards * rows).sum()) / counts[kind])
+            logged[f"logps/{kind}"].append(total((seqs.logps * rows).sum()) / counts[kind])
+    if counts["chosen"] > 0 and counts["rejected"] > 0:
+        logged["rewards/margins"].append(logged["rewards/chosen"][-1] - logged["rewards/rejected"][-1])
+
+
+def _wrap_kto_compute_loss(original):
+    @functools.wraps(original)
+    def _compute_loss(self, model, inputs, return_outputs):
+        return _kto_compute_loss(self, model, inputs, return_outputs, original)
+    _compute_loss._fusedpref = True
+    return _compute_loss
 
 
 def _wrap_init(original):
@@ -303,9 +484,7 @@ def _guard_lm_head(add_fused_lm_head):
 def _wrap_compute_loss(original):
     @functools.wraps(original)
     def _compute_loss(self, model, inputs, return_outputs):
-        if "expo" in self.loss_types or "typo" in self.loss_types:
-            return _expo_compute_loss(self, model, inputs, return_outputs)
-        return original(self, model, inputs, return_outputs)
+        return _preference_compute_loss(self, model, inputs, return_outputs, original)
     _compute_loss._fusedpref = True
     return _compute_loss
 
@@ -328,7 +507,7 @@ def _targets():
         import trl.kernels.chunked_logprob as logprob
         import trl.trainer.distillation_trainer as distillation
         import trl.trainer.utils as utils
-        from trl import DPOTrainer
+        from trl import DPOTrainer, KTOTrainer
         trainer_modules = [importlib.import_module(f"trl.trainer.{m}_trainer")
                            for m in ("dpo", "kto", "sft", "rloo", "grpo")]
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -342,7 +521,8 @@ def _targets():
             (logprob, "ChunkedLogProbFunction", FusedLogProbHead),
             (divergence, "ChunkedDivergenceFunction", FusedDivergence),
             (distillation, "ChunkedDivergenceFunction", FusedDivergence),
-            (DPOTrainer, "_compute_loss", _wrap_compute_loss), (DPOTrainer, "__init__", _wrap_init), *guarded]
+            (DPOTrainer, "_compute_loss", _wrap_compute_loss), (DPOTrainer, "__init__", _wrap_init),
+            (KTOTrainer, "_compute_loss", _wrap_kto_compute_loss), *guarded]
 
 
 def _original_attr(obj, name):
