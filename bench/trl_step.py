@@ -64,8 +64,12 @@ def _child(args):
     from trl import DPOConfig, DPOTrainer
 
     import fusedpref.integrations.trl as fp_trl
+    from fusedpref import _library
 
     torch.set_num_threads(2)
+    passes = []
+    fused_loss = _library.fused_loss
+    _library.fused_loss = lambda *a, **k: passes.append(1) or fused_loss(*a, **k)
     if args.kept_mb is not None:
         os.environ["FUSEDPREF_CHUNK_MB"] = str(args.kept_mb)
     if args.head in ("fusedpref", "recompute"):
@@ -105,7 +109,7 @@ def _child(args):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     print(json.dumps({"head": args.head, "rise_mb": peak - base, "step_s": statistics.median(times[1:] or times),
-                      "first_loss": losses[0], "last_loss": losses[-1]}))
+                      "first_loss": losses[0], "last_loss": losses[-1], "fused_passes": len(passes)}))
 
 
 def main(argv=None):
@@ -142,11 +146,12 @@ def main(argv=None):
           f"{args.pairs} pairs x {args.tokens} completion tokens, {'bf16 autocast' if args.bf16 else 'fp32'}, CPU "
           f"(2 threads), {args.steps} steps per head, kept budget "
           f"{'default' if args.kept_mb is None else f'{args.kept_mb:g} MiB'}")
-    print("| head | step time (s, median of steps 2+) | peak RSS rise (MB) | loss, first / last step |")
-    print("|---|---|---|---|")
+    print("| head | step time (s, median of steps 2+) | peak RSS rise (MB) | loss, first / last step | "
+          "fused passes |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {HEADS[r['head']]} | {r['step_s']:.2f} | {r['rise_mb']:.0f} | {r['first_loss']:.6f} / "
-              f"{r['last_loss']:.6f} |")
+              f"{r['last_loss']:.6f} | {r['fused_passes']} |")
     return rows
 
 

@@ -260,7 +260,8 @@ def _heads(call: HeadCall, hidden, weight, bias, ref_hidden, ref_weight, ref_bia
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor? ref_hidden, Tensor? ref_weight, Tensor? ref_bias, "
     "Tensor targets, float? softcap, float? scale, bool two_heads, float? ref_softcap, float? ref_scale, "
     "int divergence, float mix, int ignore_index, str backend, bool logp, bool stats, bool one_pass, str? group, "
-    "bool reduce_hidden_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
+    "bool reduce_hidden_grad, float grad_filter) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor, Tensor)"))
 @_no_autocast
 def head_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, *call):
     """HeadOut of one call (call: HeadCall.op_args())."""
@@ -282,7 +283,7 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, *call):
     "Tensor aux, Tensor stats_saved, Tensor d_lp, Tensor d_kl, Tensor shards, bool need_h, bool need_w, "
     "bool need_b, float? softcap, float? scale, bool two_heads, float? ref_softcap, float? ref_scale, "
     "int divergence, float mix, int ignore_index, str backend, bool logp, bool stats, bool one_pass, str? group, "
-    "bool reduce_hidden_grad) -> (Tensor, Tensor, Tensor)"))
+    "bool reduce_hidden_grad, float grad_filter) -> (Tensor, Tensor, Tensor)"))
 @_no_autocast
 def head_bwd(grad_logp, grad_div, grad_stats, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse,
              rlse, aux, stats, d_lp, d_kl, shards, need_h, need_w, need_b, *call):
@@ -472,7 +473,9 @@ def fused_loss(call: HeadCall, pol: Head, ref: Head | None, targets: Tensor, lay
                 coefs = (-g_lp / total, big, None, None, g_y)
             else:
                 coefs = ((g_div - g_lp) / total, big, -g_div / planes[PLANES["l_r"]], planes[PLANES["m_r"]], g_y)
-            dh_rows = impl.kept_backward(p, y, keep, coefs, needs, acc)
+            # the filter's row scale: |dz| / scale is bounded by the probabilities p (and q)
+            scale = g_lp.abs() if r is None else g_lp.abs() + 2 * g_div.abs()
+            dh_rows = impl.kept_backward(p, y, keep, coefs, needs, acc, call.grad_filter, scale)
             del keep
         else:
             state = RowState(res["lse"], res.get("rlse"), None, None)

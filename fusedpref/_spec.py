@@ -51,6 +51,7 @@ class HeadCall:
     one_pass: bool = False              # frozen policy head: the forward accumulates dlogp/dh (and dKL/dh)
     group: Optional[str] = None         # vocabulary-parallel: the torch.distributed group's name
     reduce_hidden_grad: bool = True     # with group: all_reduce dH over it
+    grad_filter: float = 0.0            # > 0: skip the dH, dW products of dz blocks below it (0: exact)
 
     @property
     def two_heads(self) -> bool:
@@ -83,20 +84,20 @@ class HeadCall:
         ref = self.ref or Transform()
         return (self.policy.softcap, self.policy.scale, self.two_heads, ref.softcap, ref.scale, int(self.divergence),
                 self.mix, self.ignore_index, self.backend, self.logp, self.stats, self.one_pass, self.group,
-                self.reduce_hidden_grad)
+                self.reduce_hidden_grad, self.grad_filter)
 
     @staticmethod
     def from_op_args(args: tuple) -> "HeadCall":
         (softcap, scale, two_heads, ref_softcap, ref_scale, divergence, mix, ignore_index, backend, logp, stats,
-         one_pass, group, reduce_hidden_grad) = args
+         one_pass, group, reduce_hidden_grad, grad_filter) = args
         return HeadCall(Transform(softcap, scale), Transform(ref_softcap, ref_scale) if two_heads else None,
                         Divergence(divergence), mix, ignore_index, backend, logp, stats, "auto", one_pass, group,
-                        reduce_hidden_grad)
+                        reduce_hidden_grad, grad_filter)
 
 
 # the custom ops' scalar parameters, in op_args order (fusedpref/_library.py spells them out)
 OP_ARGS = ("softcap", "scale", "two_heads", "ref_softcap", "ref_scale", "divergence", "mix", "ignore_index",
-           "backend", "logp", "stats", "one_pass", "group", "reduce_hidden_grad")
+           "backend", "logp", "stats", "one_pass", "group", "reduce_hidden_grad", "grad_filter")
 
 
 class Head(NamedTuple):

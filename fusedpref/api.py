@@ -21,8 +21,8 @@ from . import _dtensor
 from ._checks import BACKENDS, check_ignore_index, check_softcap, resolve_backend
 from ._spec import Backend, FrozenMode, LossRows, SeqSums
 from .config import kept_bytes
-from .functions import REF_NAMES, HeadTensors, LossPlan, Same, check_pair, make_call, ref_transform, run, run_loss, \
-    transform
+from .functions import REF_NAMES, HeadTensors, LossPlan, Same, check_grad_filter, check_pair, make_call, \
+    ref_transform, run, run_loss, transform
 from .losses import LOSSES, NLL_LOSSES, Pairs, check_loss_args, is_real
 
 Reduction = Literal["mean", "sum", "none"]
@@ -40,14 +40,18 @@ class _Heads:
         self.ignore_index = check_ignore_index(opts["ignore_index"])
         self.backend, self.frozen = opts["backend"], opts["frozen"]
         self.group, self.reduce_hidden_grad = process_group, opts["reduce_hidden_grad"]
+        self.grad_filter = opts.get("grad_filter")
+        check_grad_filter(self.grad_filter)           # (the policy head's calls take it)
 
     def call(self, *, head="policy", two_heads=False, stats=False):
         """The HeadCall of the policy head (with two_heads: policy and reference in one pass) or of
         the reference head alone."""
         xf = self.ref if head == "ref" else self.policy
+        policy = head == "policy"
         return make_call(xf, ref=self.ref if two_heads else None, ignore_index=self.ignore_index,
-                         backend=self.backend, stats=stats, frozen=self.frozen if head == "policy" else "auto",
-                         process_group=self.group, reduce_hidden_grad=self.reduce_hidden_grad)
+                         backend=self.backend, stats=stats, frozen=self.frozen if policy else "auto",
+                         process_group=self.group, reduce_hidden_grad=self.reduce_hidden_grad,
+                         grad_filter=self.grad_filter if policy else None)
 
     def sequence_logps(self, targets, policy: HeadTensors, stats=False):
         """(sequence log-probs [rows], per-token statistics [rows, T, 4] or [0], the vocabulary)."""
@@ -86,10 +90,10 @@ def _wpo_weights(raw_logps, log_sum_sq, lengths, b):
 
 
 def _head_options(softcap, logit_scale, temperature, ref_softcap, ref_logit_scale, ignore_index, backend, frozen,
-                  reduce_hidden_grad) -> dict:
+                  reduce_hidden_grad, grad_filter=None) -> dict:
     return dict(softcap=softcap, logit_scale=logit_scale, temperature=temperature, ref_softcap=ref_softcap,
                 ref_logit_scale=ref_logit_scale, ignore_index=ignore_index, backend=backend, frozen=frozen,
-                reduce_hidden_grad=reduce_hidden_grad)
+                reduce_hidden_grad=reduce_hidden_grad, grad_filter=grad_filter)
 
 
 def _check_batch(hidden, name="hidden", paired=True):
@@ -289,7 +293,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                     reduction: Reduction = "mean", backend: Backend = "auto", average_log_prob: bool = False,
                     nll_targets: Optional[Tensor] = None, ld_alpha: Optional[float] = None,
                     use_weighting: bool = False, frozen: FrozenMode = "auto",
-                    grad_in_forward: Optional[bool] = None, kept_mb: Optional[float] = None, process_group=None,
+                    grad_in_forward: Optional[bool] = None, kept_mb: Optional[float] = None,
+                    grad_filter: Union[float, Literal["auto"], None] = None, process_group=None,
                     reduce_hidden_grad: bool = True, **loss_specific) -> tuple[Tensor, Metrics]:
     """Fused preference loss. Returns (loss, metrics); see README for every loss type.
     softcap, logit_scale, temperature: the policy head's logit transform (the reference head's
@@ -299,7 +304,9 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     inside the forward pass wherever that applies (6 N D V for a trainable head instead of 8;
     README "Gradients in forward"), False forces the recompute path, True asks for it and raises
     where it cannot apply; kept_mb bounds its kept logits (default FUSEDPREF_CHUNK_MB, else 8 MiB
-    on the CPU and 1024 MiB on CUDA). process_group: vocabulary-parallel heads (weight, bias,
+    on the CPU and 1024 MiB on CUDA). grad_filter: None (exact), a float or "auto" (the operand
+    dtype's eps / 32): dz blocks whose largest |dz| is below it skip their dH and dW products, on
+    either path (torch backend; README "Gradient filtering"). process_group: vocabulary-parallel heads (weight, bias,
     ref_weight, ref_bias this rank's shards; hidden, targets the same on every rank); DTensor heads
     are resolved once per call (README "Distributed"). metrics.sequences holds the per-sequence
     values behind the metrics (Sequences)."""
@@ -321,7 +328,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, group = _dtensor.resolve_heads(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
     heads = _Heads(_head_options(softcap, logit_scale, temperature, ref_softcap, ref_logit_scale, ignore_index,
-                                 backend, frozen, reduce_hidden_grad), group)
+                                 backend, frozen, reduce_hidden_grad, grad_filter), group)
     policy, ref = HeadTensors(hidden, weight, bias), HeadTensors(ref_hidden, ref_weight, ref_bias)
     two_b = hidden.shape[0]
     needs_ref = any(LOSSES[t].needs_ref for t in types)
@@ -563,7 +570,8 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
              temperature: float = 1.0, ref_softcap: Union[float, None, Same] = "same",
              ref_logit_scale: Union[float, None, Same] = "same", reduction: Reduction = "mean",
              backend: Backend = "auto", average_log_prob: bool = False, frozen: FrozenMode = "auto",
-             grad_in_forward: Optional[bool] = None, kept_mb: Optional[float] = None, process_group=None,
+             grad_in_forward: Optional[bool] = None, kept_mb: Optional[float] = None,
+             grad_filter: Union[float, Literal["auto"], None] = None, process_group=None,
              reduce_hidden_grad: bool = True) -> tuple[Tensor, Metrics]:
     """KTO (TRL's KTOTrainer) on unpaired sequences: hidden [N, T, D], targets [N, T], labels [N]
     bool (True = desirable). The reference-KL estimate z0 = clamp(mean(kl_logps - ref_kl_logps), 0)
@@ -574,7 +582,7 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
         undesirable: w_u * (1 - sigmoid(beta * (z0 - logratio)))
     average_log_prob=True (Liger's KTO) uses length-averaged sequence log-probs throughout
     (precomputed ref_logps / kl_logps are then expected averaged too).
-    grad_in_forward, kept_mb: as preference_loss's (each sequence is a unit of the fused pass).
+    grad_in_forward, kept_mb, grad_filter: as preference_loss's (each sequence is a unit of the fused pass).
     process_group: vocabulary-parallel heads, as preference_loss's.
     """
     _check_reduction(reduction)
@@ -587,7 +595,7 @@ def kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *,
     kl_hidden, ref_kl_hidden = (_dtensor.resolve_hidden(t, name) for t, name in
                                 ((kl_hidden, "kl_hidden"), (ref_kl_hidden, "ref_kl_hidden")))
     heads = _Heads(_head_options(softcap, logit_scale, temperature, ref_softcap, ref_logit_scale, ignore_index,
-                                 backend, frozen, reduce_hidden_grad), group)
+                                 backend, frozen, reduce_hidden_grad, grad_filter), group)
     policy, ref = HeadTensors(hidden, weight, bias), HeadTensors(ref_hidden, ref_weight, ref_bias)
     n = hidden.shape[0]
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,) or labels.dtype != torch.bool:

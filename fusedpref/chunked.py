@@ -189,12 +189,63 @@ def kept_partials(pol: Head, ref: Head | None, y, with_stats: bool):
     return part, Kept(keep_p, m, keep_q, mr, bounds)
 
 
-def kept_backward(pol: Head, y, kept: Kept, coefs, needs: Needs, acc):
+# the gradient filter's block: a (row block x vocabulary tile) of dz whose largest |dz| relative to
+# its rows' upstream gradients is below the threshold does no dH or dW work (Cut Cross-Entropy's
+# gradient filtering, at the Triton kernels' tile sizes)
+FILTER_ROWS, FILTER_COLS = 16, 128
+
+
+def _products(dz, hf, w_chunk, needs: Needs, dh, dw_out, db_out, accumulate: bool, grad_filter: float,
+              row_scale=None):
+    """dW (dw_out = or += dz^T h), db (the same with dz's column sums) and dh += dz @ W_chunk of one
+    chunk of dz [n, C]. With grad_filter > 0 and row_scale [n] (each row's upstream gradient
+    magnitude: |dz| / row_scale is the softmax probability for a plain head), each
+    FILTER_COLS-wide tile's products run only over the FILTER_ROWS row blocks in which some
+    |dz| / row_scale reaches grad_filter (db stays exact: no matmul)."""
+    if needs.b:
+        if accumulate:
+            db_out += dz.sum(0)
+        else:
+            torch.sum(dz, 0, out=db_out)
+    if grad_filter <= 0 or row_scale is None:
+        if needs.w:        # (a chunk x D temporary; FlopCounterMode does not count mm's out= variant)
+            if accumulate:
+                dw_out += dz.t() @ hf
+            else:
+                dw_out[:] = dz.t() @ hf
+        if needs.h:        # (an N x D temporary; FlopCounterMode does not count in-place addmm_)
+            dh += dz @ w_chunk
+        return
+    n, c = dz.shape
+    blocks, tiles = -(-n // FILTER_ROWS), -(-c // FILTER_COLS)
+    rel = dz.abs().div_(row_scale.clamp(min=torch.finfo(dz.dtype).tiny)[:, None])
+    big = torch.nn.functional.pad(rel, (0, tiles * FILTER_COLS - c, 0, blocks * FILTER_ROWS - n))
+    del rel
+    live = big.view(blocks, FILTER_ROWS, tiles, FILTER_COLS).amax((1, 3)) >= grad_filter     # [blocks, tiles]
+    del big
+    rows_live = live.repeat_interleave(FILTER_ROWS, 0)[:n]                                    # [n, tiles]
+    if needs.w and not accumulate:
+        dw_out.zero_()
+    for t in live.any(0).nonzero().flatten().tolist():
+        c0, c1 = t * FILTER_COLS, min(c, (t + 1) * FILTER_COLS)
+        rows = rows_live[:, t].nonzero().flatten()
+        part = dz[:, c0:c1] if rows.numel() == n else dz.index_select(0, rows)[:, c0:c1]
+        if needs.w:
+            dw_out[c0:c1] += part.t() @ (hf if rows.numel() == n else hf.index_select(0, rows))
+        if needs.h:
+            if rows.numel() == n:
+                dh += part @ w_chunk[c0:c1]
+            else:
+                dh.index_add_(0, rows, part @ w_chunk[c0:c1])
+
+
+def kept_backward(pol: Head, y, kept: Kept, coefs, needs: Needs, acc, grad_filter: float = 0.0, row_scale=None):
     """dz of the kept chunks and its products, accumulated: per chunk c
         dz = cp exp(m_c - M) p_c (+ cq exp(mr_c - Mr) q_c) + onehot(y) g_y
     (coefs = (cp [Nv], M [Nv], cq [Nv] or None, Mr [Nv] or None, g_y [Nv]: the caller's per-row
     coefficients, g_y already times k(z_y)), built in place in the kept buffer; then acc.dw[c] +=
-    dz^T h, acc.db[c] += sum dz, and returns dH [Nv, D] = dz @ W (compute dtype), 2 + 2 N D V FLOPs."""
+    dz^T h, acc.db[c] += sum dz, and returns dH [Nv, D] = dz @ W (compute dtype), 2 + 2 N D V FLOPs
+    (less the blocks grad_filter skips: _products)."""
     cp, big, cq, big_r, g_y = coefs
     dt = kept.p.dtype
     hf = pol.h.to(dt)
@@ -204,12 +255,8 @@ def kept_backward(pol: Head, y, kept: Kept, coefs, needs: Needs, acc):
         if kept.q is not None:
             dz.add_(kept.q[:, v0:v1].mul_((cq * torch.exp(kept.mr[c] - big_r))[:, None]))
         _onehot_add(dz, y, g_y, v0, v1)
-        if needs.w:
-            acc.dw[v0:v1] += dz.t() @ hf
-        if needs.b:
-            acc.db[v0:v1] += dz.sum(0)
-        if needs.h:
-            dh += dz @ pol.w[v0:v1].to(dt)
+        _products(dz, hf, pol.w[v0:v1].to(dt), needs, dh, acc.dw[v0:v1] if needs.w else None,
+                  acc.db[v0:v1] if needs.b else None, True, grad_filter, row_scale)
         del dz
     return dh
 
@@ -318,6 +365,21 @@ def _onehot_add(dz, y, g, v0, v1):
     dz[rows, y[rows] - v0] += g[rows]
 
 
+def _row_scale(g_lp, g_div, call, g_stats):
+    """Each row's upstream gradient magnitude for the gradient filter (None: no filtering): dz /
+    row_scale is bounded by the softmax probabilities (times a softcap/scale chain) for the log-probs'
+    and the divergences' terms. A statistics' gradient (an entropy bonus, the logits' sum) has terms
+    that are not, so it turns the filter off."""
+    if call.grad_filter <= 0 or g_stats is not None:
+        return None
+    scale = torch.zeros_like(g_lp if g_lp is not None else g_div)
+    if g_lp is not None:
+        scale += g_lp.abs()
+    if g_div is not None:
+        scale += 2 * g_div.abs()
+    return scale
+
+
 def backward(call, pol: Head, ref: Head | None, y, saved, grads, needs: Needs, dh_dtype=None, acc=None):
     """(dH [Nv, D] or None, dW [V, D] or None, db [V] or None) of sum_i <grads_i, outputs_i> w.r.t.
     the policy head, one recompute of the logits (both heads' for a two-head call).
@@ -383,6 +445,7 @@ def backward(call, pol: Head, ref: Head | None, y, saved, grads, needs: Needs, d
 
     n, d = hf.shape
     vocab = pol.w.shape[0]
+    row_scale = _row_scale(g_lp, None if ref is None else g, call, g_stats)
     dh = torch.zeros((n, d), dtype=dt, device=hf.device) if needs.h else None
     dw = config.empty((vocab, d), pol.w.dtype, pol.w.device) if needs.w and acc is None else None
     db = config.empty((vocab,), dt, pol.w.device) if needs.b and acc is None else None
@@ -390,17 +453,9 @@ def backward(call, pol: Head, ref: Head | None, y, saved, grads, needs: Needs, d
         2 * (div == Divergence.JSD)              # (the log mixture: two while it is computed)
     for v0, v1 in _chunks(pol, parts):
         dz = chunk_dz(v0, v1)
-        if needs.w:        # (a chunk x D temporary; FlopCounterMode does not count mm's out= variant)
-            if acc is None:
-                dw[v0:v1] = dz.t() @ hf
-            else:
-                acc.dw[v0:v1] += dz.t() @ hf
-        if needs.b:
-            if acc is None:
-                torch.sum(dz, 0, out=db[v0:v1])
-            else:
-                acc.db[v0:v1] += dz.sum(0)
-        if needs.h:        # (an N x D temporary; FlopCounterMode does not count in-place addmm_)
-            dh += dz @ pol.w[v0:v1].to(dt)
+        dw_out = None if not needs.w else dw[v0:v1] if acc is None else acc.dw[v0:v1]
+        db_out = None if not needs.b else db[v0:v1] if acc is None else acc.db[v0:v1]
+        _products(dz, hf, pol.w[v0:v1].to(dt) if needs.h else None, needs, dh, dw_out, db_out, acc is not None,
+                  call.grad_filter, row_scale)
         del dz                                   # before the next chunk's buffers exist
     return (dh.to(dh_dtype or pol.h.dtype) if needs.h else None), dw, db

@@ -17,6 +17,8 @@ calls `run`; the functional forms (`linear_logprobs`, ...) also resolve DTensor 
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import warnings
 from dataclasses import replace
 from typing import Literal, NamedTuple, Optional, Union
@@ -183,7 +185,7 @@ def run(call: HeadCall, targets: Tensor, policy: HeadTensors, ref: Optional[Head
     if ref is not None:
         check_pair(policy, ref, sharded)
         ref = HeadTensors(*(None if t is None else t.detach() for t in ref))
-    call = replace(call, backend=resolve_backend(call.backend, policy.hidden.device, policy.hidden.dtype))
+    call = resolve(call, policy.hidden)
     hidden = policy.hidden.reshape(-1, policy.hidden.shape[-1])
     rh, rw, rb = (None, None, None) if ref is None else (ref.hidden.reshape(-1, ref.hidden.shape[-1]), ref.weight,
                                                          ref.bias)
@@ -225,15 +227,43 @@ def _check_bool(name, value) -> bool:
 
 def make_call(policy: Transform, *, ref: Optional[Transform] = None, divergence=Divergence.FORWARD_KL, mix=0.0,
               ignore_index=-100, backend="auto", logp=True, stats=False, frozen="auto", process_group=None,
-              reduce_hidden_grad=True) -> HeadCall:
-    """A HeadCall from checked user options (the backend is resolved in run, against the device)."""
+              reduce_hidden_grad=True, grad_filter=None) -> HeadCall:
+    """A HeadCall from checked user options (the backend and grad_filter="auto" are resolved in run,
+    against the device and the operand dtype)."""
     if frozen not in FROZEN_MODES:
         raise ValueError(f"frozen must be one of {FROZEN_MODES}, got {frozen!r}")
     if not isinstance(backend, str) or backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be one of ('auto', 'triton', 'torch'), got {backend!r}")
     return HeadCall(policy, ref, Divergence(divergence), float(mix), check_ignore_index(ignore_index), backend,
                     bool(logp), bool(stats), frozen, False, group_name(process_group),
-                    _check_bool("reduce_hidden_grad", reduce_hidden_grad))
+                    _check_bool("reduce_hidden_grad", reduce_hidden_grad), check_grad_filter(grad_filter))
+
+
+AUTO_FILTER = -1.0   # HeadCall.grad_filter before it is resolved: "auto"
+
+
+def check_grad_filter(value) -> float:
+    """grad_filter: None (exact) -> 0, "auto" -> AUTO_FILTER, a positive finite float -> itself."""
+    if value is None:
+        return 0.0
+    if isinstance(value, str) and value == "auto":
+        return AUTO_FILTER
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or not value > 0:
+        raise ValueError(f"grad_filter must be None (exact), 'auto' (the operand dtype's eps / 32) or a positive "
+                         f"finite float, got {value!r}")
+    return float(value)
+
+
+def resolve(call: HeadCall, hidden: Tensor) -> HeadCall:
+    """The call's backend against the device and its grad_filter against the operand dtype
+    (after autocast): "auto" is the dtype's eps / 32, as Cut Cross-Entropy's."""
+    call = replace(call, backend=resolve_backend(call.backend, hidden.device, hidden.dtype))
+    if call.grad_filter == AUTO_FILTER:
+        call = replace(call, grad_filter=torch.finfo(hidden.dtype).eps / 32)
+    if call.grad_filter > 0 and call.backend != "torch":
+        raise ValueError("grad_filter runs on the torch backend only for now (backend='torch'); the Triton "
+                         "kernels do not skip blocks yet")
+    return call
 
 
 def _divergence(mix: float) -> Divergence:
@@ -523,7 +553,7 @@ def run_loss(plan: LossPlan, targets: Tensor, policy: HeadTensors, ref: Optional
     if ref is not None:
         check_pair(policy, ref)
         ref = HeadTensors(*(None if t is None else t.detach() for t in ref))
-    call = replace(plan.call, backend=resolve_backend(plan.call.backend, policy.hidden.device, policy.hidden.dtype))
+    call = resolve(plan.call, policy.hidden)
     plan = plan._replace(call=call)
     hidden = policy.hidden.reshape(-1, policy.hidden.shape[-1])
     rh, rw, rb = (None, None, None) if ref is None else (ref.hidden.reshape(-1, ref.hidden.shape[-1]), ref.weight,

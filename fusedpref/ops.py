@@ -444,11 +444,13 @@ def kept_partials(pol: Head, ref: Head | None, y, with_stats: bool):
     return part, Kept(keep_p, m[0], keep_q, m[1], bounds)
 
 
-def kept_backward(pol: Head, y, kept: Kept, coefs, needs: Needs, acc):
+def kept_backward(pol: Head, y, kept: Kept, coefs, needs: Needs, acc, grad_filter: float = 0.0, row_scale=None):
     """As fusedpref.chunked.kept_backward: per kept chunk, dz = cp exp(m_c - M) P (+ cq exp(mr_c - Mr)
     Q) + onehot(y) g_y formed in fp32 and rounded once into the kept buffer (the operand dtype, as the
     recompute path's dz), then dW[c] (cuBLAS), db[c] and dH += dz @ W[c] (mm_acc, fp32). acc.dw,
-    acc.db accumulate over pair chunks (fp32); returns dH [Nv, D] fp32."""
+    acc.db accumulate over pair chunks (fp32); returns dH [Nv, D] fp32. (grad_filter: torch backend
+    only, functions.resolve refuses it here.)"""
+    assert grad_filter <= 0, "grad_filter on the Triton backend"
     cp, big, cq, big_r, g_y = coefs
     h, w = pol.h, pol.w
     n, d = h.shape

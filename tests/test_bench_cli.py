@@ -192,3 +192,27 @@ def test_version_and_python_m():
     for cmd in ([sys.executable, "-m", "fusedpref", "--version"], [sys.executable, "-m", "fusedpref.cli", "--version"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and proc.stdout.strip() == f"fusedpref {__version__}"
+
+
+def test_the_whole_step_benchmark_runs_every_head():
+    """bench/trl_step.py at a tiny shape: one row per head, the same first loss, fusedpref's
+    gradients-in-forward pass taken where its row says so."""
+    optional("trl")
+    proc = subprocess.run([sys.executable, "bench/trl_step.py", "--vocab", "512", "--hidden", "32", "--tokens", "16",
+                           "--pairs", "2", "--steps", "2", "--kept-mb", "64"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = {r[0].strip(): r for r in rows[1:]}
+    assert len(rows) == 4, proc.stdout
+    firsts = [float(r[3].split("/")[0]) for r in rows.values()]
+    assert max(firsts) - min(firsts) < 1e-5, proc.stdout
+    passes = {name: int(r[4]) for name, r in rows.items()}
+    assert passes["fusedpref (patch_trl), gradients in forward"] == 2
+    assert passes["fusedpref (patch_trl), recompute path"] == 0
+
+
+def test_the_whole_step_benchmark_rejects_bad_flags():
+    proc = subprocess.run([sys.executable, "bench/trl_step.py", "--heads", "fusedpref,nope"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "--heads" in proc.stderr, proc.stderr
