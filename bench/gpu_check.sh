@@ -21,11 +21,11 @@ set -uo pipefail
 STEPS=(
     "install|25|offline install of this checkout and .wheels"
     "smoke|75|every kernel path x dtype x shape vs the torch backend"
-    "kernels|60|per-kernel ms vs cuBLAS, chunk widths, triton vs torch"
+    "kernels|80|per-kernel ms vs cuBLAS, chunk widths, triton vs torch, loss paths vs torch/QuACK LCE"
     "core|100|core table N=16384 D=4096 V=128256 bf16 (fused-triton first)"
     "sweep|70|default bench sweep + PNG"
     "expo|40|EXPO table (two heads, exact KL)"
-    "tests|90|GPU-relevant tests (SIGINT at the budget)"
+    "tests|70|GPU-relevant tests (SIGINT at the budget)"
 )
 budget() { local s; for s in "${STEPS[@]}"; do IFS='|' read -r n b _ <<< "$s"; [ "$n" = "$1" ] && echo "$b"; done; }
 if [ "${1:-}" = "--plan" ]; then
@@ -57,7 +57,7 @@ if [ "$DRY" = "1" ]; then
     GC="--dry-run"; SHAPE=(--pairs 1 --seq 32 --d 32 --v 1000 --repeats 1 --dtype float32); PROVIDERS="fused-torch,eager"
 else
     unset TRITON_INTERPRET
-    GC=""; SHAPE=(); PROVIDERS="fused-triton,fused-torch,eager,trl,liger,cce"
+    GC=""; SHAPE=(); PROVIDERS="fused-triton,fused-torch,eager,trl,liger,cce,torch"
 fi
 export TRITON_DEFAULT_FP_FUSION=1
 {

@@ -75,6 +75,13 @@ def _specs(arch: int, dtype: torch.dtype):
            "p_ptr": f"*{t}", "q_ptr": f"*{t}", "part_ptr": "*fp32", "arg_ptr": "*i32", "N": "i32", "v_lo": "i32",
            "n_cols": "i32", "n_tiles": "i32", "stride_zn": "i32", "stride_pn": "i32", **probs}
     yield ("chunk_kl_probs_stats", kernels.chunk_kl_probs_kernel, sig, pc, {"num_warps": pt.num_warps})
+    sig = {"p_ptr": f"*{t}", "q_ptr": f"*{t}", "a_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*i64", "gy_ptr": "*fp32",
+           "db_ptr": "*fp32", "N": "i32", "v_lo": "i32", "n_cols": "i32", "n_tiles": "i32", "stride_pn": "i32",
+           "stride_dbn": "i32"}
+    for two in (False, True):   # the gradients-in-forward path's dz from kept P (and Q, EXPO)
+        yield (f"kept_dz{'_q' if two else ''}", kernels.kept_dz_kernel, sig,
+               {"BLOCK_N": pt.BLOCK_N, "BLOCK_V": pt.BLOCK_V, "HAS_Q": two, "HAS_DB": True},
+               {"num_warps": pt.num_warps})
     ref = {"rh_ptr": f"*{t}", "rw_ptr": f"*{t}", "rb_ptr": f"*{t}"}
     rstrides = {"stride_rhn": "i32", "stride_rhd": "constexpr", "stride_rwv": "i32", "stride_rwd": "constexpr"}
     kl_flags = {**flags, "HAS_REF_BIAS": True, "HAS_REF_SOFTCAP": True, "HAS_REF_SCALE": True,

@@ -14,7 +14,11 @@ kernels: at the main shape, the forward kernel, then for backward chunk widths o
 columns the dz kernel, the dW GEMM (cuBLAS) and the dH accumulation (mm_acc) of one chunk, each
 beside torch.mm of the same FLOPs in the same run ("% of GEMM"), with `fusedpref roofline`'s
 modelled lower bound; then fused-triton against fused-torch end to end, the measurement the
-`backend="auto"` default follows.
+`backend="auto"` default follows; the frozen head's two paths; and the trainable head inside a
+loss: preference_loss (sigmoid, precomputed reference) with its gradients in forward (6 N D V)
+and on the recompute path (8), beside torch's F.linear_cross_entropy and QuACK's chunked linear
+cross-entropy (quack-kernels, when installed) on the same rows (their reduction="sum", 6 N D V),
+each with its peak memory above the inputs.
 """
 from __future__ import annotations
 
@@ -122,6 +126,15 @@ def smoke(dry_run=False, out=print):
                     h, w, rh, rw, y, None, None, -100, None, b, True, group)[::3]
                 paths["vp:frozen"] = lambda b, h, w: (fusedpref.linear_logprobs(
                     h, w.detach(), y, softcap=20.0, backend=b, process_group=group),)
+                # a loss with its gradients in forward (kept P, kept_dz_kernel), one pair; and EXPO's
+                # two kept heads (P and Q)
+                m = n - n % 2
+                paths["loss:in-forward"] = lambda b, h, w: (fusedpref.preference_loss(
+                    h[:m].reshape(2, m // 2, -1), w, y[:m].reshape(2, -1), ref_logps=torch.zeros(2, device=device),
+                    backend=b, grad_in_forward=True)[0],)
+                paths["expo:in-forward"] = lambda b, h, w: (fusedpref.preference_loss(
+                    h[:m].reshape(2, m // 2, -1), w, y[:m].reshape(2, -1), loss_type="expo",
+                    ref_hidden=rh[:m].reshape(2, m // 2, -1), ref_weight=rw, backend=b, grad_in_forward=True)[0],)
             for name, fn in paths.items():
                 t0 = time.perf_counter()
                 try:
@@ -237,14 +250,74 @@ def kernels(dry_run=False, out=print, csv_path=None):
         row(f"frozen head fwd+bwd {path}", times[path], (2 if path == "one-pass" else 3) * fl,
             (2 if path == "one-pass" else 3) * rows[0]["gemm_ms"])
     out(f"kernel frozen head: one-pass / standard = {times['one-pass'] / times['standard']:.2f}x")
+    _loss_heads(h, w, y, g, bench, row, fl, rows[0]["gemm_ms"], device, out)
     _, model = schedule.model(n, d, v, "bf16", "H200")
+    _, kept = schedule.model(n, d, v, "bf16", "H200", kept=True)
     out(f"kernel roofline (model, H200): total lower bound {model['total_bound_ms']:.1f} ms for fwd+bwd "
-        f"({model['splits']} splits, chunk {model['chunk_cols']})")
+        f"({model['splits']} splits, chunk {model['chunk_cols']}); gradients in forward "
+        f"{kept['total_bound_ms']:.1f} ms")
     if csv_path:
         with open(csv_path, "a") as f:
             for r in rows:
                 f.write(json.dumps({**r, "n": n, "d": d, "v": v, "dtype": "bf16", "dry_run": dry_run}) + "\n")
     return rows
+
+
+def _loss_heads(h, w, y, g, bench, row, fl, gemm_ms, device, out):
+    """The trainable head inside a loss at the kernels step's shape (pairs of 4096 rows; the dry run's
+    tiny shape: one pair): fusedpref's two paths, torch's and QuACK's linear cross-entropy."""
+    import torch
+
+    import fusedpref
+
+    n, d = h.shape
+    t = min(2048, n // 2)
+    pairs = n // (2 * t)
+    hh = h[: 2 * pairs * t].reshape(2 * pairs, t, d).clone().requires_grad_()
+    ww = w.clone().requires_grad_()
+    yy = y[: 2 * pairs * t].reshape(2 * pairs, t)
+    ref = torch.zeros(2 * pairs, device=device)
+    cuda = device.type == "cuda"
+
+    def timed(name, step, units, note=""):
+        try:
+            ms = bench(step)
+            extra = ""
+            if cuda:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                extra = f", peak {(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB above the inputs"
+            row(name, ms, units * fl / 2, units * gemm_ms / 2, note + extra)
+        except Exception as exc:   # one failing comparator must not hide the others
+            out(f"kernel {name:34s} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+    for label, gif, units in (("gradients in forward", True, 6), ("recompute", False, 8)):
+        def step(gif=gif):
+            hh.grad = ww.grad = None
+            loss, _ = fusedpref.preference_loss(hh, ww, yy, ref_logps=ref, backend="triton", grad_in_forward=gif)
+            loss.backward()
+        timed(f"preference_loss {label}", step, units, f"{2 * pairs} x {t} rows")
+    flat_h, flat_y = hh.detach().reshape(-1, d).clone().requires_grad_(), yy.reshape(-1)
+    if hasattr(torch.nn.functional, "linear_cross_entropy"):
+        def torch_step():
+            flat_h.grad = ww.grad = None
+            torch.nn.functional.linear_cross_entropy(flat_h, ww, flat_y, reduction="sum").backward()
+        timed("torch F.linear_cross_entropy sum", torch_step, 6, "gradients in forward (torch >= 2.13)")
+    else:
+        out("kernel torch F.linear_cross_entropy unavailable (torch < 2.13)")
+    try:
+        from quack.linear_cross_entropy import chunked_linear_cross_entropy
+    except Exception as exc:
+        out(f"kernel QuACK chunked_linear_cross_entropy unavailable ({type(exc).__name__}: install quack-kernels)")
+        return
+
+    def quack_step():
+        flat_h.grad = ww.grad = None
+        chunked_linear_cross_entropy(flat_h, ww, flat_y, chunk_size=4096, reduction="sum").backward()
+    timed("QuACK chunked_linear_cross_entropy", quack_step, 6, "reduction sum")
 
 
 def main(argv=None):

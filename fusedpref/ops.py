@@ -19,8 +19,8 @@ from . import config, schedule
 from ._chunks import vocab_chunk_cols, vocab_chunks
 from ._partials import ONE_HEAD, PLANES, Partials, merge
 from ._spec import Divergence, Head, Needs
-from .kernels import (chunk_kl_probs_kernel, chunk_logits_kernel, chunk_probs_kernel, jsd_fwd_kernel, kl_dz_kernel,
-                      kl_fwd_kernel, logprob_dz_kernel, logprob_fwd_kernel, mm_acc_kernel)
+from .kernels import (chunk_kl_probs_kernel, chunk_logits_kernel, chunk_probs_kernel, jsd_fwd_kernel, kept_dz_kernel,
+                      kl_dz_kernel, kl_fwd_kernel, logprob_dz_kernel, logprob_fwd_kernel, mm_acc_kernel)
 from .kernels.frozen import FIELDS as FROZEN_FIELDS
 from .kernels.frozen import KL_FIELDS as FROZEN_KL_FIELDS
 
@@ -446,8 +446,9 @@ def kept_partials(pol: Head, ref: Head | None, y, with_stats: bool):
 
 def kept_backward(pol: Head, y, kept: Kept, coefs, needs: Needs, acc, grad_filter: float = 0.0, row_scale=None):
     """As fusedpref.chunked.kept_backward: per kept chunk, dz = cp exp(m_c - M) P (+ cq exp(mr_c - Mr)
-    Q) + onehot(y) g_y formed in fp32 and rounded once into the kept buffer (the operand dtype, as the
-    recompute path's dz), then dW[c] (cuBLAS), db[c] and dH += dz @ W[c] (mm_acc, fp32). acc.dw,
+    Q) + onehot(y) g_y formed in fp32 by kept_dz_kernel and rounded once into the kept buffer (the
+    operand dtype, as the recompute path's dz: P read and dz written once), then dW[c] (cuBLAS),
+    db[c] (the kernel's column sums of the unrounded dz) and dH += dz @ W[c] (mm_acc, fp32). acc.dw,
     acc.db accumulate over pair chunks (fp32); returns dH [Nv, D] fp32. (grad_filter: torch backend
     only, functions.resolve refuses it here.)"""
     assert grad_filter <= 0, "grad_filter on the Triton backend"
@@ -455,18 +456,24 @@ def kept_backward(pol: Head, y, kept: Kept, coefs, needs: Needs, acc, grad_filte
     h, w = pol.h, pol.w
     n, d = h.shape
     dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if needs.h else None
-    rows = torch.arange(n, device=h.device)
+    pt = config.tiles("probs", h.device, h.dtype)
+    n_blocks = triton.cdiv(n, pt.BLOCK_N)
+    g_y = g_y.float().contiguous()
     for c, (v0, v1) in enumerate(kept.bounds):
         dz = kept.p[:, v0:v1]
-        dz32 = dz.float().mul_((cp * torch.exp(kept.m[c] - big))[:, None])
-        if kept.q is not None:
-            dz32.add_(kept.q[:, v0:v1].float().mul_((cq * torch.exp(kept.mr[c] - big_r))[:, None]))
-        here = (y >= v0) & (y < v1)
-        dz32.index_put_((rows[here], y[here] - v0), g_y[here], accumulate=True)
-        dz.copy_(dz32)
+        n_tiles = triton.cdiv(v1 - v0, pt.BLOCK_V)
+        a = (cp * torch.exp(kept.m[c] - big)).float().contiguous()
+        b = None if kept.q is None else (cq * torch.exp(kept.mr[c] - big_r)).float().contiguous()
+        db_part = config.empty((n_blocks, v1 - v0), torch.float32, h.device) if needs.b else None
+        kept_dz_kernel[(n_blocks * n_tiles,)](
+            dz, dz if kept.q is None else kept.q[:, v0:v1], a, a if b is None else b, y, g_y,
+            a if db_part is None else db_part, n, v0, v1 - v0, n_tiles, dz.stride(0),
+            0 if db_part is None else db_part.stride(0),
+            BLOCK_N=pt.BLOCK_N, BLOCK_V=pt.BLOCK_V, HAS_Q=kept.q is not None, HAS_DB=db_part is not None,
+            num_warps=pt.num_warps,
+        )
         if needs.b:
-            acc.db[v0:v1] += dz32.sum(0)
-        del dz32
+            acc.db[v0:v1] += db_part.sum(0)
         if needs.w:
             part = torch.mm(dz.t(), h)
             if acc.dw.dtype == part.dtype:

@@ -92,10 +92,16 @@ def budget_cols_fp32(n, v, block_v):
     return budget_cols(n, v, 4, block_v, DEFAULT_CHUNK_MB * 2**20, DEFAULT_CHUNK_COLS)
 
 
-def model(n, d, v, dtype="bf16", gpu="H200", chunk_cols=None, frozen=False, frozen_path="one-pass"):
+KEPT_MB_CUDA = 1024          # the gradients-in-forward path's kept budget on CUDA (fusedpref.config.kept_bytes)
+
+
+def model(n, d, v, dtype="bf16", gpu="H200", chunk_cols=None, frozen=False, frozen_path="one-pass", kept=False,
+          kept_mb=KEPT_MB_CUDA, pair_rows=4096):
     """Per-kernel FLOPs, modelled HBM bytes and lower-bound ms of the trainable (or frozen) head's
     forward + backward at N valid rows, under the launch schedule above. A frozen head takes the
-    one-pass path (kernels/frozen.py) unless frozen_path="standard". An ESTIMATE."""
+    one-pass path (kernels/frozen.py) unless frozen_path="standard"; kept=True models the trainable
+    head's gradients-in-forward path (one head, chunks of pairs of pair_rows rows within kept_mb).
+    An ESTIMATE."""
     g = GPUS[gpu]
     e = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
     peak = g.dense_tflops[dtype] * 1e12
@@ -124,6 +130,8 @@ def model(n, d, v, dtype="bf16", gpu="H200", chunk_cols=None, frozen=False, froz
                      "bound_ms": max(flops / peak, bytes_ / bw) * 1e3, "note": note})
 
     mm_bands = cdiv(n, 128 * GROUP_M)
+    if kept and not frozen and kept_mb * 2**20 >= pair_rows * v * e:    # (no pair fits: the recompute path)
+        return _kept_model(n, d, v, e, g, peak, block_v, chunk_cols, kept_mb, pair_rows, add, rows)
     if frozen and frozen_path == "one-pass":
         # per chunk: logits tiles (W chunk once per band, H once) -> fp32 z; p and P = k p; then
         # acc = alpha acc + P W_chunk (fp32 RMW); backward: dH = g d
@@ -156,6 +164,33 @@ def model(n, d, v, dtype="bf16", gpu="H200", chunk_cols=None, frozen=False, froz
                                                      split_fastest=False) / 1e9}
 
 
+def _kept_model(n, d, v, e, g, peak, block_v, chunk_cols, kept_mb, pair_rows, add, rows):
+    """The gradients-in-forward path (fusedpref._library.fused_loss on the Triton backend): per
+    chunk of pairs (K of them, as many pairs as kept_mb of [rows, V] operand-dtype P holds) the
+    frozen sweep's chunk_logits (fp32 z out) and chunk_probs (P into the kept buffer), then per
+    vocabulary chunk kept_dz_kernel (P read, dz written in place, once), dW by cuBLAS into the fp32
+    accumulator (a per-chunk partial in the operand dtype, upcast, added: RMW of the accumulator per
+    pair chunk), dH by mm_acc."""
+    rows_fit = int(kept_mb * 2**20 // (v * e) // pair_rows) * pair_rows
+    n_c = min(n, rows_fit)
+    k = cdiv(n, n_c)
+    f_chunks = cdiv(v, min(chunk_cols, budget_cols_fp32(n_c, v, block_v)))
+    bands_c = cdiv(cdiv(n_c, 128), GROUP_M)
+    mm_bands_c = cdiv(n_c, 128 * GROUP_M)
+    nd, vd, nv = n * d * e, v * d * e, n * v * e
+    add("forward chunk_logits", 2 * n * d * v, k * bands_c * vd + f_chunks * nd + 4 * n * v,
+        f"{k} pair chunks of {n_c} rows, {f_chunks} vocabulary chunks, fp32 logits out")
+    add("forward chunk_probs -> kept P", 0, 4 * n * v + nv, "reads fp32 z, writes P (operand dtype)")
+    add("kept_dz (dz from P, in place)", 0, 2 * nv + 4 * cdiv(n, 64) * v, "P in, dz out, db column partials")
+    add("dW += dz^T H", 2 * n * d * v, nv + f_chunks * nd + k * v * d * (2 * e + 12), "cuBLAS per chunk, fp32 RMW")
+    add("dH += dz W", 2 * n * d * v, nv + k * mm_bands_c * vd + f_chunks * 8 * n * d, "mm_acc, fp32 accumulator")
+    total = sum(r["bound_ms"] for r in rows)
+    floor = 6 * n * d * v / peak * 1e3
+    return rows, {"gpu": g.name, "dtype": {2: "16-bit", 4: "fp32"}[e], "splits": 0, "chunk_cols": chunk_cols,
+                  "chunks": f_chunks, "units": 6, "pair_chunks": k, "total_bound_ms": total, "floor_ms": floor,
+                  "ratio": total / floor, "row_major_fwd_gbytes": 0.0}
+
+
 def print_model(rows, summary, shape):
     n, d, v = shape
     print(f"# fusedpref roofline (ESTIMATES, not measurements): {summary['gpu']}, {summary['dtype']}, "
@@ -169,6 +204,8 @@ def print_model(rows, summary, shape):
             if summary["row_major_fwd_gbytes"] else "")
     print(f"# total lower bound {summary['total_bound_ms']:.1f} ms = {summary['ratio']:.3f} x the "
           f"{summary['units']}*N*D*V floor ({summary['floor_ms']:.1f} ms at the datasheet peak){tail}")
+    if "pair_chunks" in summary:
+        print(f"# gradients in forward: {summary['pair_chunks']} chunks of pairs within the kept budget")
 
 
 def main(argv=None):
@@ -185,14 +222,22 @@ def main(argv=None):
     p.add_argument("--frozen", action="store_true", help="frozen head: no dW (the one-pass path)")
     p.add_argument("--frozen-path", choices=["one-pass", "standard"], default="one-pass",
                    help="with --frozen: the one-pass path (default) or the standard 6 N D V one")
+    p.add_argument("--kept", action="store_true",
+                   help="the trainable head's gradients-in-forward path (6 N D V) instead of the recompute path")
+    p.add_argument("--kept-mb", type=float, default=KEPT_MB_CUDA, help="with --kept: the kept budget (MiB)")
+    p.add_argument("--pair-rows", type=int, default=4096, help="with --kept: valid rows per pair")
     a = p.parse_args(argv)
     for flag in ("n", "d", "v"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag} must be a whole number >= 1, got {getattr(a, flag)}")
     if a.chunk_cols is not None and a.chunk_cols < 1:
         p.error(f"--chunk-cols must be a whole number >= 1, got {a.chunk_cols}")
+    if a.kept and a.frozen:
+        p.error("--kept models a trainable head (a frozen one takes the one-pass path)")
+    if not a.kept_mb > 0 or a.pair_rows < 1:
+        p.error("--kept-mb must be > 0 and --pair-rows >= 1")
     rows, summary = model(a.n, a.d, a.v, a.dtype, a.gpu, chunk_cols=a.chunk_cols, frozen=a.frozen,
-                          frozen_path=a.frozen_path)
+                          frozen_path=a.frozen_path, kept=a.kept, kept_mb=a.kept_mb, pair_rows=a.pair_rows)
     print_model(rows, summary, (a.n, a.d, a.v))
     return 0
 

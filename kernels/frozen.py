@@ -148,3 +148,31 @@ def chunk_kl_probs_kernel(
     tl.store(out + 8 * plane, tl.sum(q * diff, axis=1), mask=row_mask)
     if STATS:
         _tile_stats(out, plane, arg_ptr + pid_v * N + rows, row_mask, z, p, col_mask, m_z, v0, BLOCK_N)
+
+
+@triton.jit
+def kept_dz_kernel(
+    p_ptr, q_ptr, a_ptr, b_ptr, y_ptr, gy_ptr, db_ptr,
+    N, v_lo, n_cols, n_tiles, stride_pn, stride_dbn,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, HAS_Q: tl.constexpr, HAS_DB: tl.constexpr,
+):
+    # The gradients-in-forward path's dz over one tile of a kept chunk (fusedpref._library.fused_loss),
+    # in place: dz = a P + b Q + onehot(y) g_y with a, b, g_y per row (fp32), computed in fp32 and
+    # rounded once to the buffer's dtype; with HAS_DB the tile's column sums of the unrounded dz
+    # into db[row block, column] (summed over the row blocks by the host)
+    pid_n = tl.program_id(0) // n_tiles
+    row0, col0, rows, row_mask, offs_v, col_mask = chunk_tile(pid_n, tl.program_id(0) % n_tiles, N, n_cols,
+                                                              BLOCK_N, BLOCK_V)
+    mask = row_mask[:, None] & col_mask[None, :]
+    offs = row0 * stride_pn + col0 + tl.arange(0, BLOCK_N)[:, None] * stride_pn + offs_v[None, :]
+    a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
+    dz = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * a[:, None]
+    if HAS_Q:
+        b = tl.load(b_ptr + rows, mask=row_mask, other=0.0)
+        dz += tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32) * b[:, None]
+    y_local = (tl.load(y_ptr + rows, mask=row_mask, other=-1) - (v_lo + col0)).to(tl.int32)
+    g_y = tl.load(gy_ptr + rows, mask=row_mask, other=0.0)
+    dz += tl.where(offs_v[None, :] == y_local[:, None], g_y[:, None], 0.0)
+    tl.store(p_ptr + offs, dz.to(p_ptr.dtype.element_ty), mask=mask)
+    if HAS_DB:
+        tl.store(db_ptr + pid_n * stride_dbn + col0 + offs_v, tl.sum(tl.where(mask, dz, 0.0), axis=0), mask=col_mask)

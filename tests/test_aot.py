@@ -59,8 +59,8 @@ def test_no_register_spills_and_a_register_margin(compiled):
     assert not tight, tight
 
 
-# the frozen forward's elementwise passes have no matmul
-NO_DOT = {"chunk_probs_stats", "chunk_kl_probs_stats"}
+# the frozen forward's and the kept path's elementwise passes have no matmul
+NO_DOT = {"chunk_probs_stats", "chunk_kl_probs_stats", "kept_dz", "kept_dz_q"}
 
 
 def test_sm90_uses_wgmma(compiled):

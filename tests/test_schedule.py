@@ -80,6 +80,19 @@ def test_roofline_at_the_main_shape():
     assert so["total_bound_ms"] <= 0.75 * ss["total_bound_ms"]
 
 
+def test_roofline_of_the_gradients_in_forward_path():
+    """6 N D V; chunks of pairs as the kept budget holds them (a 4096-row pair of bf16 P at
+    V = 128256 is 1002 MiB: one per chunk in 1024 MiB); modelled below the recompute path's bound."""
+    rows, summary = schedule.model(16384, 4096, 128256, "bf16", "H200", kept=True)
+    recompute = schedule.model(16384, 4096, 128256, "bf16", "H200")[1]
+    assert math.isclose(sum(r["gflop"] for r in rows), 6 * 16384 * 4096 * 128256 / 1e9) and summary["units"] == 6
+    assert summary["pair_chunks"] == 4
+    assert summary["total_bound_ms"] <= 0.85 * recompute["total_bound_ms"]
+    assert schedule.model(16384, 4096, 128256, "bf16", "H200", kept=True, kept_mb=4096)[1]["pair_chunks"] == 1
+    # a pair too large for the budget: the recompute path (as fusedpref._library.fused_loss's default)
+    assert schedule.model(16384, 4096, 128256, "bf16", "H200", kept=True, kept_mb=100)[1]["units"] == 8
+
+
 def test_roofline_command_prints_the_table():
     import subprocess
     import sys
@@ -88,3 +101,9 @@ def test_roofline_command_prints_the_table():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "ESTIMATES" in proc.stdout and "| forward (logprob_fwd) |" in proc.stdout and "H100" in proc.stdout
+    kept = subprocess.run([sys.executable, "-m", "fusedpref.cli", "roofline", "--kept"], capture_output=True,
+                          text=True, timeout=120)
+    assert kept.returncode == 0 and "| kept_dz (dz from P, in place) |" in kept.stdout, kept.stderr
+    both = subprocess.run([sys.executable, "-m", "fusedpref.cli", "roofline", "--kept", "--frozen"],
+                          capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "--kept" in both.stderr
