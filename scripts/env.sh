@@ -37,6 +37,19 @@ if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.
         exit 1
     }
 fi
+# DeepSpeed (ZeRO-3 under accelerate launch, tests/test_engines.py): pinned, no compiled ops
+# (DS_BUILD_OPS=0: a CPU run needs none), its dependencies constrained to the installed torch
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('deepspeed', 'hjson', 'msgpack', 'cpuinfo', 'pydantic', 'einops')))" 2>/dev/null; then
+    echo "[fusedpref] installing DeepSpeed 0.19.8 (no compiled ops)" >&2
+    CONSTRAINT="$(mktemp)"
+    "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$CONSTRAINT"
+    DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -c "$CONSTRAINT" deepspeed==0.19.8 2>&1 | grep -v "^WARNING" || true
+    rm -f "$CONSTRAINT"
+    DS_ACCELERATOR=cpu "$VENV/bin/python" -c "import deepspeed" || {
+        echo "[fusedpref] error: deepspeed==0.19.8 did not install" >&2
+        exit 1
+    }
+fi
 # Triton 3.6, the GPU machines' version, beside the main one: tests/test_aot.py compiles every
 # kernel with it too (pure wheel, --no-deps, into its own folder; never imported otherwise)
 if [ ! -d "$VENV/triton36/triton" ]; then

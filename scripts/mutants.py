@@ -143,12 +143,22 @@ MUTANTS = [
     Mutant("trl_zero3_gather_unregistered", "fusedpref/integrations/trl.py",
            "functions.set_weight_gather(maybe_gather_lm_head_ctx)", "functions.set_weight_gather(None)",
            ("tests/test_trl_integration.py", "-k", "zero3")),
-    Mutant("trl_expo_logit_scale_dropped", "fusedpref/integrations/trl.py", "softcap=cap, logit_scale=scale, **ref",
-           "softcap=cap, **ref", ("tests/test_trl_expo.py", "-k", "logit_scale")),
+    Mutant("trl_expo_logit_scale_dropped", "fusedpref/integrations/trl.py",
+           "logit_scale=scale, use_weighting=bool(self.use_weighting), **ref, **extra)",
+           "use_weighting=bool(self.use_weighting), **ref, **extra)", ("tests/test_trl_expo.py", "-k", "logit_scale")),
     # (e) memory: the torch backend's chunk buffers
     Mutant("torch_backward_keeps_the_last_chunk", "fusedpref/chunked.py",
            "        del dz                                   # before the next chunk's buffers exist",
            "        pass", ("tests/test_chunk_memory.py", "-k", "sigmoid and trainable and not ref")),
+    # the engines (tests/test_engines.py): the gather paths under DeepSpeed ZeRO-3 and FSDP2
+    Mutant("zero3_recompute_reads_partitioned_head", "fusedpref/functions.py",
+           "        with gathered(weight, bias, ref_weight, ref_bias) if reads_weights else contextlib.nullcontext():",
+           "        with contextlib.nullcontext():",
+           ("tests/test_engines.py", "-k", "outside_a_forward")),
+    Mutant("expo_reference_head_not_kept", "fusedpref/integrations/trl.py",
+           'return dict(ref_hidden=hidden.detach(), ref_weight=call["weight"].detach().clone(),',
+           'return dict(ref_hidden=hidden.detach(), ref_weight=call["weight"].detach(),',
+           ("tests/test_engines.py", "-k", "expo and zero3")),
 ]
 
 

@@ -61,20 +61,23 @@ _PATCHES: list = []          # (object, attribute, original) in the order they w
 
 
 class HeadCapture:
-    """Records the one call of TRL's fused head inside a model forward whose output is discarded
-    (the EXPO path reads the head's inputs from TRL's own forward instead of computing the head).
-    The head then returns NaN-filled outputs of the right shapes, never plausible numbers: any use
-    of that forward's result shows. Active only inside `_capturing()`; a second head call in one
-    capture raises."""
+    """Takes over the one call of TRL's fused head inside a model forward whose output is discarded:
+    `compute(hidden [2B, T-1, D], the head call's inputs)` runs there, inside the model's forward,
+    where the head's weight is materialised (gathered under ZeRO-3 by TRL's caller, unsharded under
+    FSDP), and its result is kept (`result`). The head then returns NaN-filled outputs of the right
+    shapes, never plausible numbers: any use of that forward's result shows. Active only inside
+    `_capturing()`; a second head call in one capture raises."""
 
-    def __init__(self):
-        self.call = None
+    def __init__(self, labels, compute):
+        self.labels, self.compute = labels, compute
+        self.call = self.result = None
 
     def record(self, outputs, **inputs):
         if self.call is not None:
-            raise RuntimeError("fusedpref's EXPO path expected one call of TRL's fused LM head in the model's "
+            raise RuntimeError("fusedpref's TRL loss path expected one call of TRL's fused LM head in the model's "
                                "forward, saw two")
         self.call = inputs
+        self.result = self.compute(_sequence_rows(inputs["hidden"], self.labels), inputs)
         h = inputs["hidden"]
         nan = h.new_full((h.shape[0],), float("nan"), dtype=torch.float32)
         return (nan, *(nan if k in outputs else None for k in ("entropy", "log_sum_sq_probs", "mean_logits")),
@@ -151,9 +154,9 @@ class FusedDivergence:
 # ---------------------------------------------------------------- EXPO in DPOTrainer
 
 @contextlib.contextmanager
-def _capturing():
-    """Within it, FusedLogProbHead records its inputs instead of computing (HeadCapture)."""
-    capture = HeadCapture()
+def _capturing(labels, compute):
+    """Within it, FusedLogProbHead hands its inputs to compute instead of computing (HeadCapture)."""
+    capture = HeadCapture(labels, compute)
     token = _CAPTURE.set(capture)
     try:
         yield capture
@@ -161,25 +164,27 @@ def _capturing():
         _CAPTURE.reset(token)
 
 
-def _head_inputs(model, model_kwargs, labels):
-    """The hidden states [2B, T-1, D] of the head, its weight, bias and transform, from one forward
-    of a model patched by TRL's add_fused_lm_head (its backbone and head as TRL calls them)."""
-    with _capturing() as capture:
+def _sequence_rows(h, labels):
+    """The head's rows as [2B, T-1, D]: TRL passes every position (without Triton) or only the
+    valid ones (on Triton devices)."""
+    mask = labels[:, 1:] != -100
+    if h.shape[0] == mask.numel():
+        return h.reshape(*mask.shape, h.shape[-1])
+    if h.shape[0] == int(mask.sum()):
+        return h.new_zeros(*mask.shape, h.shape[-1]).masked_scatter(mask.unsqueeze(-1), h)
+    raise NotImplementedError("fusedpref's TRL loss path needs the head's rows to match the labels (prompt-learning "
+                              "PEFT adapters that prepend virtual tokens are not supported)")
+
+
+def _in_forward(model, model_kwargs, labels, compute):
+    """compute(hidden [2B, T-1, D], head call) run inside one forward of a model patched by TRL's
+    add_fused_lm_head (its backbone and head as TRL calls them; HeadCapture); its result."""
+    with _capturing(labels, compute) as capture:
         model(**model_kwargs, labels=labels, fused_lm_head=True)     # its output is discarded
     if capture.call is None:
-        raise RuntimeError("fusedpref's EXPO path expected one call of TRL's fused LM head in the model's forward, "
-                           "saw none")
-    call = capture.call
-    mask = labels[:, 1:] != -100
-    h = call["hidden"]
-    if h.shape[0] == mask.numel():           # every position scored (TRL without Triton)
-        full = h.reshape(*mask.shape, h.shape[-1])
-    elif h.shape[0] == int(mask.sum()):      # only the valid ones (TRL on Triton devices)
-        full = h.new_zeros(*mask.shape, h.shape[-1]).masked_scatter(mask.unsqueeze(-1), h)
-    else:
-        raise NotImplementedError("fusedpref's EXPO path needs the head's rows to match the labels (prompt-learning "
-                                  "PEFT adapters that prepend virtual tokens are not supported)")
-    return full, call
+        raise RuntimeError("fusedpref's TRL loss path expected one call of TRL's fused LM head in the model's "
+                           "forward, saw none")
+    return capture.result
 
 
 def _expo_checks(trainer):
@@ -200,11 +205,45 @@ _TRL_SMOOTHED = {"exo_pair", "robust", "aot", "aot_unpaired"}
 _TRL_UNSHIFTED_LENGTHS = {"ipo", "sigmoid_norm"}
 
 
+def _reference(trainer, model_kwargs, labels, vocab_kl: bool, ld_alpha=None) -> dict:
+    """The reference's arguments of preference_loss / kto_loss, from one no-grad forward of the
+    reference model (or of the PEFT policy with its adapters disabled, as TRL does), computed inside
+    that forward (HeadCapture), where its head's weight is materialised: the sequence log-probs
+    ref_logps (ld_alpha: LD-DPO's weighting, as preference_loss weighs the policy's), or for EXPO's
+    exact KL the head itself: its hidden states and a copy of its weight and bias (under ZeRO-3 and
+    FSDP the parameters are partitioned again once the forward returns; one V x D copy per step)."""
+    from accelerate.utils import is_peft_model
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+
+    from ..api import _ld_weights
+    from ..functions import linear_logprobs
+
+    targets = labels[:, 1:]
+
+    def compute(hidden, call):
+        cap, scale = _transform(call["logit_scale"], call["softcap"], call["temperature"])
+        if vocab_kl:
+            return dict(ref_hidden=hidden.detach(), ref_weight=call["weight"].detach().clone(),
+                        ref_bias=None if call["bias"] is None else call["bias"].detach().clone(), ref_softcap=cap,
+                        ref_logit_scale=scale)
+        tok = linear_logprobs(hidden, call["weight"], targets, bias=call["bias"], softcap=cap, logit_scale=scale)
+        if ld_alpha is not None:
+            tok = tok * _ld_weights(targets != -100, targets.shape[0] // 2, ld_alpha).to(tok.dtype)
+        return dict(ref_logps=tok.sum(-1))
+
+    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+        if is_peft_model(trainer.model) and trainer.ref_model is None:
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                return _in_forward(trainer.model, model_kwargs, labels, compute)
+        return _in_forward(trainer.ref_model, model_kwargs, labels, compute)
+
+
 def _fallback_reason(trainer, model, return_outputs) -> str | None:
     """Why DPOTrainer's loss cannot go through fusedpref.preference_loss here (None: it can); the
     call then runs TRL's own loss code on fusedpref's per-token head."""
     from accelerate.utils import is_peft_model
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     from ..losses import LOSSES
 
@@ -219,8 +258,6 @@ def _fallback_reason(trainer, model, return_outputs) -> str | None:
         return "aux_loss_enabled=True (the MoE router loss comes from the model's outputs)"
     if return_outputs:
         return "return_outputs=True (logits for compute_metrics)"
-    if is_deepspeed_zero3_enabled():
-        return "DeepSpeed ZeRO-3 (the head weight is gathered only inside the model's forward)"
     if trainer.label_smoothing and "sigmoid" in types:
         return "label_smoothing with loss_type 'sigmoid' (TRL's sigmoid ignores it; fusedpref's is cDPO)"
     if trainer.use_weighting and "sft" in types:
@@ -236,10 +273,6 @@ def _preference_compute_loss(self, model, inputs, return_outputs, trl_compute_lo
     where the loss type decomposes over pairs, README "Gradients in forward"), TRL's logged metrics
     reduced across ranks as TRL reduces them. EXPO only runs here; the other loss types fall back to
     TRL's own loss code (on fusedpref's per-token head) where _fallback_reason says so."""
-    from accelerate.utils import is_peft_model
-    from trl.models.utils import disable_gradient_checkpointing
-    from trl.trainer.utils import use_adapter
-
     expo = "expo" in self.loss_types or "typo" in self.loss_types
     reason = _fallback_reason(self, model, return_outputs)
     if reason is None and not expo and set(self.loss_types) & _TRL_UNSHIFTED_LENGTHS and \
@@ -263,20 +296,8 @@ def _preference_compute_loss(self, model, inputs, return_outputs, trl_compute_lo
     if self.precompute_ref_logps:     # (not EXPO: _expo_checks)
         ref = dict(ref_logps=torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]))
     else:
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if is_peft_model(self.model) and self.ref_model is None:
-                unwrapped = self.accelerator.unwrap_model(self.model)
-                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    ref_hidden, ref_call = _head_inputs(self.model, model_kwargs, labels)
-            else:
-                ref_hidden, ref_call = _head_inputs(self.ref_model, model_kwargs, labels)
-        ref_cap, ref_scale = _transform(ref_call["logit_scale"], ref_call["softcap"], ref_call["temperature"])
-        ref = dict(ref_hidden=ref_hidden.detach(), ref_weight=ref_call["weight"].detach(),
-                   ref_bias=None if ref_call["bias"] is None else ref_call["bias"].detach(), ref_softcap=ref_cap,
-                   ref_logit_scale=ref_scale)
-    hidden, call = _head_inputs(model, model_kwargs, labels)
-    # TRL's softcap(s (h W^T + b)) / T as fusedpref's cap and scale, for each model's head
-    cap, scale = _transform(call["logit_scale"], call["softcap"], call["temperature"])
+        # EXPO's exact KL needs the reference head in the policy's pass; the others its log-probs
+        ref = _reference(self, model_kwargs, labels, expo, self.ld_alpha)
     extra = {}
     if self.label_smoothing and (expo or set(self.loss_types) & _TRL_SMOOTHED):
         extra["label_smoothing"] = self.label_smoothing
@@ -284,12 +305,31 @@ def _preference_compute_loss(self, model, inputs, return_outputs, trl_compute_lo
         extra["discopop_tau"] = self.args.discopop_tau
     if self.ld_alpha is not None:
         extra["ld_alpha"] = self.ld_alpha
-    loss, metrics = preference_loss(hidden, call["weight"], targets, loss_type=list(self.loss_types),
-                                    loss_weights=list(self.loss_weights), beta=self.beta, bias=call["bias"],
-                                    softcap=cap, logit_scale=scale, use_weighting=bool(self.use_weighting),
-                                    **ref, **extra)
+
+    def loss_fn(hidden, call):
+        # TRL's softcap(s (h W^T + b)) / T as fusedpref's cap and scale, for each model's head
+        cap, scale = _transform(call["logit_scale"], call["softcap"], call["temperature"])
+        return preference_loss(hidden, call["weight"], targets, loss_type=list(self.loss_types),
+                               loss_weights=list(self.loss_weights), beta=self.beta, bias=call["bias"], softcap=cap,
+                               logit_scale=scale, use_weighting=bool(self.use_weighting), **ref, **extra)
+
+    loss, metrics = _policy_loss(self, model, model_kwargs, labels, loss_fn)
     _log_metrics(self, mode, metrics.sequences, inputs)
     return loss
+
+
+def _policy_loss(trainer, model, model_kwargs, labels, loss_fn):
+    """loss_fn(hidden, head call) inside the policy's forward, where TRL calls its fused head (the
+    head's weight is materialised there: gathered under ZeRO-3 by TRL's maybe_gather_lm_head_ctx,
+    unsharded under FSDP), and that forward run inside the wrapped model's (TRL's
+    _ForwardRedirection, as its distillation trainer runs its fused loss), so that the loss is the
+    wrapper's output: DeepSpeed and FSDP arm their backward hooks on it (re-gathering for a
+    recompute backward, reducing the gradients), and DDP's forward prepares its backward. Metrics
+    are reduced after it returns (no collective inside a wrapped forward)."""
+    from trl.models.utils import _ForwardRedirection
+
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    return _ForwardRedirection()(model, unwrapped, lambda: _in_forward(unwrapped, model_kwargs, labels, loss_fn))
 
 
 def _log_metrics(trainer, mode, seqs, inputs):
@@ -344,14 +384,12 @@ def _kto_compute_loss(self, model, inputs, return_outputs, trl_compute_loss):
     rank-mean of each rank's mean KL_logps - ref_KL_logps, clamped at 0) is computed as TRL does,
     from forward-only calls of fusedpref's per-token head."""
     from accelerate.utils import is_peft_model
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
 
     reason = ("loss_type " + repr(self.loss_type) if self.loss_type != "kto" else
               "aux_loss_enabled=True" if self.aux_loss_enabled else
               "return_outputs=True" if return_outputs else
-              "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else
               "a prompt-learning PEFT adapter" if is_peft_model(model) and getattr(
                   self.accelerator.unwrap_model(model).active_peft_config, "is_prompt_learning", False) else None)
     if reason is not None:
@@ -374,22 +412,20 @@ def _kto_compute_loss(self, model, inputs, return_outputs, trl_compute_loss):
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                     ref_kl_logps = self._compute_kl_logps(self.model, batch)
-                    ref_hidden, ref_call = _head_inputs(self.model, model_kwargs, labels)
             else:
                 ref_kl_logps = self._compute_kl_logps(self.ref_model, batch)
-                ref_hidden, ref_call = _head_inputs(self.ref_model, model_kwargs, labels)
-        ref_cap, ref_scale = _transform(ref_call["logit_scale"], ref_call["softcap"], ref_call["temperature"])
-        ref = dict(ref_hidden=ref_hidden.detach(), ref_weight=ref_call["weight"].detach(),
-                   ref_bias=None if ref_call["bias"] is None else ref_call["bias"].detach(), ref_softcap=ref_cap,
-                   ref_logit_scale=ref_scale)
+        ref = _reference(self, model_kwargs, labels, False)
     if self.calculate_KL:       # TRL's z0, passed as one precomputed value (kto_loss clamps it at 0)
         z0 = self.accelerator.gather_for_metrics((kl_logps - ref_kl_logps).mean().detach()).mean()
         ref.update(kl_logps=z0.reshape(1), ref_kl_logps=torch.zeros_like(z0).reshape(1))
-    hidden, call = _head_inputs(model, model_kwargs, labels)
-    cap, scale = _transform(call["logit_scale"], call["softcap"], call["temperature"])
-    loss, metrics = kto_loss(hidden, call["weight"], targets, desirable, beta=self.beta, bias=call["bias"],
-                             desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
-                             softcap=cap, logit_scale=scale, **ref)
+
+    def loss_fn(hidden, call):
+        cap, scale = _transform(call["logit_scale"], call["softcap"], call["temperature"])
+        return kto_loss(hidden, call["weight"], targets, desirable, beta=self.beta, bias=call["bias"],
+                        desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+                        softcap=cap, logit_scale=scale, **ref)
+
+    loss, metrics = _policy_loss(self, model, model_kwargs, labels, loss_fn)
     _log_kto_metrics(self, mode, metrics, desirable, batch)
     return loss
 
