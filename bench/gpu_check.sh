@@ -20,7 +20,7 @@
 set -uo pipefail
 STEPS=(
     "install|25|offline install of this checkout and .wheels"
-    "smoke|75|every kernel path x dtype x shape vs the torch backend"
+    "smoke|90|every kernel path x dtype x shape vs the torch backend"
     "kernels|80|per-kernel ms vs cuBLAS, chunk widths, triton vs torch, loss paths vs torch/QuACK LCE"
     "core|100|core table N=16384 D=4096 V=128256 bf16 (fused-triton first)"
     "sweep|70|default bench sweep + PNG"

@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +58,6 @@ def _child(args):
     sys.path.insert(0, str(ROOT / "examples"))
     import datasets
     import torch
-    import transformers
     from _tiny import WORDS, model, tokenizer
     from trl import DPOConfig, DPOTrainer
 
@@ -88,14 +86,7 @@ def _child(args):
     data = datasets.Dataset.from_dict({"prompt": [text(i, 16) for i in range(args.pairs * args.steps)],
                                        "chosen": [text(i + 1, n) for i in range(args.pairs * args.steps)],
                                        "rejected": [text(i + 2, n) for i in range(args.pairs * args.steps)]})
-    times = []
-
-    class Clock(transformers.TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t0)
+    clock, times = fp_trl.step_clock()
 
     with tempfile.TemporaryDirectory() as out:
         cfg = DPOConfig(output_dir=out, max_steps=args.steps, report_to=[], logging_steps=1, save_strategy="no",
@@ -103,7 +94,7 @@ def _child(args):
                         per_device_train_batch_size=args.pairs, max_length=args.tokens + 32, disable_tqdm=True)
         trainer = DPOTrainer(model=model(hidden=args.hidden, vocab=args.vocab),
                              ref_model=model(hidden=args.hidden, vocab=args.vocab), args=cfg, train_dataset=data,
-                             processing_class=tokenizer(), callbacks=[Clock()])
+                             processing_class=tokenizer(), callbacks=[clock])
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         trainer.train()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -7,7 +7,8 @@ USAGE = """usage: fusedpref {bench,roofline,desiderata} [options] | --version
 
   bench        fused preference loss vs eager PyTorch (and torch.compile, TRL, Liger, CCE when present)
   roofline     modelled FLOPs, HBM bytes and lower-bound time per kernel (estimates) for a shape and GPU
-  desiderata   the EXPO/TYPO papers' synthetic tests with fusedpref's own losses
+  desiderata   the EXPO/TYPO papers' synthetic tests with fusedpref's own losses (--lm: on a language model
+               through TRL's DPOTrainer)
 
 Run `fusedpref <command> --help` for the options."""
 
@@ -33,6 +34,10 @@ def main(argv=None):
         bench_main(rest)
         return 0
     if cmd == "desiderata":
+        if "--lm" in rest:     # the language-model version (TRL's DPOTrainer; needs fusedpref[trl])
+            from .desiderata_lm import main as lm_main
+
+            return lm_main(rest)
         from .desiderata import main as des_main
 
         des_main(rest)

@@ -24,9 +24,12 @@ def test_cpu_dry_run_of_the_flow(tmp_path):
     log = (tmp_path / "check.txt").read_text()
     assert proc.returncode == 0, log[-4000:]
     smoke = [line for line in log.splitlines() if line.startswith("smoke ")]
-    # 4 paths on the main shape, 10 (+ the divergences with statistics, two frozen heads, two
-    # vocabulary-parallel paths in a one-rank group) on the misaligned one
-    assert len(smoke) == 3 * (4 + 10) and all(" ok " in line for line in smoke), smoke
+    # 4 paths on the main shape, 12 (+ the divergences with statistics, two frozen heads, two
+    # vocabulary-parallel paths in a one-rank group, a loss and EXPO with gradients in forward) on the
+    # misaligned one
+    assert len(smoke) == 3 * (4 + 12) and all(" ok " in line for line in smoke), smoke
+    assert "loss:in-forward" in log and "expo:in-forward" in log
+    assert "kernel preference_loss gradients in forward" in log and "kernel torch F.linear_cross_entropy" in log
     assert "no process group" not in log and "vp:frozen" in log
     assert "kernel frozen head: one-pass / standard" in log
     assert "kernel dz (recompute) chunk" in log and "backend=triton" in log and "backend=torch" in log

@@ -462,14 +462,6 @@ def _log_kto_metrics(trainer, mode, metrics, desirable, batch):
         logged["rewards/margins"].append(logged["rewards/chosen"][-1] - logged["rewards/rejected"][-1])
 
 
-def _wrap_kto_compute_loss(original):
-    @functools.wraps(original)
-    def _compute_loss(self, model, inputs, return_outputs):
-        return _kto_compute_loss(self, model, inputs, return_outputs, original)
-    _compute_loss._fusedpref = True
-    return _compute_loss
-
-
 def _wrap_init(original):
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
@@ -517,12 +509,33 @@ def _guard_lm_head(add_fused_lm_head):
     return add
 
 
-def _wrap_compute_loss(original):
-    @functools.wraps(original)
-    def _compute_loss(self, model, inputs, return_outputs):
-        return _preference_compute_loss(self, model, inputs, return_outputs, original)
-    _compute_loss._fusedpref = True
-    return _compute_loss
+def _routed(impl):
+    """The patch of a trainer's _compute_loss: impl(self, model, inputs, return_outputs, TRL's own
+    _compute_loss), which computes the loss through fusedpref or falls back to TRL's."""
+    def wrap(original):
+        @functools.wraps(original)
+        def _compute_loss(self, model, inputs, return_outputs):
+            return impl(self, model, inputs, return_outputs, original)
+        _compute_loss._fusedpref = True
+        return _compute_loss
+    return wrap
+
+
+def step_clock():
+    """(a transformers TrainerCallback, the list it appends each optimizer step's seconds to)."""
+    import time
+
+    import transformers
+
+    times = []
+
+    class StepClock(transformers.TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.t0)
+    return StepClock(), times
 
 
 def dpo_loss_types() -> list[str]:
@@ -557,8 +570,8 @@ def _targets():
             (logprob, "ChunkedLogProbFunction", FusedLogProbHead),
             (divergence, "ChunkedDivergenceFunction", FusedDivergence),
             (distillation, "ChunkedDivergenceFunction", FusedDivergence),
-            (DPOTrainer, "_compute_loss", _wrap_compute_loss), (DPOTrainer, "__init__", _wrap_init),
-            (KTOTrainer, "_compute_loss", _wrap_kto_compute_loss), *guarded]
+            (DPOTrainer, "_compute_loss", _routed(_preference_compute_loss)), (DPOTrainer, "__init__", _wrap_init),
+            (KTOTrainer, "_compute_loss", _routed(_kto_compute_loss)), *guarded]
 
 
 def _original_attr(obj, name):
