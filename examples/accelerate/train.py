@@ -28,7 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _cpu_engine_setup(engine):
-    """What DeepSpeed and accelerate need on a machine without GPUs (GUIDE, section 6)."""
+    """What DeepSpeed and accelerate need on a machine without GPUs (GUIDE, section 6); nothing on
+    a machine with them."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
     if engine == "zero3":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")          # its CPU accelerator: gloo without oneCCL
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"         # else accelerate sets world size 1 on CPUs
