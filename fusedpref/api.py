@@ -390,7 +390,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     nll = _nll(heads, policy, targets, nll_targets, mask, b, raw) if set(types) & NLL_LOSSES else None
     pairs_for = assembly.pairs(logps, ref_seq, kl, nll)
     # 4. the loss on [B] tensors (WPO: each pair's times its weight)
-    pair_w = assembly.pair_weights(raw, (stats[..., 3] * mask.to(stats.dtype)).sum(-1))
+    pair_w = assembly.pair_weights(raw, (stats[..., 3] * mask.to(stats.dtype)).sum(-1)) if use_weighting else None
     loss = assembly.reduce(assembly.losses(pairs_for, pair_w))
     return loss, _metrics(pairs_for[types[0]], LOSSES[types[0]].rewards, stats, mask, vocab, b, logps, ref_seq,
                           kl)
